@@ -1,0 +1,180 @@
+"""The VQ-VAE WaveNet autoencoder: MFCC encoder -> quantiser -> jittered WaveNet decoder.
+
+A forward pass computes N consecutive teacher-forced predictions per window. Everything is
+indexed in absolute padded-utterance coordinates (see `model.geometry`), so a prediction's
+logits and its share of the commitment loss do not depend on the window it was computed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model import mulaw
+from model.config import ModelConfig
+from model.decoder import WaveNetDecoder
+from model.encoder import Encoder
+from model.features import MFCC
+from model.geometry import CodecGeometry, Conv, hull
+from model.jitter import slot_frames
+from model.quantizer import QuantizerOutput, VectorQuantizer
+
+
+@dataclass
+class Windows:
+    """Where each row of a waveform batch sits in its utterance (all ``[B]`` long tensors).
+
+    Attributes:
+        start: padded-utterance index of ``wave[b, 0]`` (normally ``frame0 * hop``).
+        frame0: index of the first frame encoded from ``wave[b, 0:]``.
+        n_frames: frames in the whole (padded) utterance, F.
+        t0: first prediction of the window.
+        n_valid: valid predictions from ``t0`` (the rest of the N columns are padding).
+        utt: utterance ids (jitter is a hash of them).
+        speaker: speaker ids.
+        seed, epoch: the jitter draw.
+    """
+
+    start: torch.Tensor
+    frame0: torch.Tensor
+    n_frames: torch.Tensor
+    t0: torch.Tensor
+    n_valid: torch.Tensor
+    utt: torch.Tensor
+    speaker: torch.Tensor
+    seed: int = 0
+    epoch: int = 0
+
+    def to(self, device) -> Windows:
+        fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
+        return Windows(**fields)
+
+
+@dataclass
+class AutoencoderOutput:
+    """Teacher-forced outputs of one pass over ``[B]`` windows of N predictions.
+
+    Attributes:
+        logits: ``[B, Q, N]``; column ``i`` predicts sample ``t0 + i``.
+        targets: mu-law classes ``[B, N]``.
+        mask: ``[B, N]`` true for valid predictions.
+        quantizer: per-frame results ``[B, F_w]`` (commitment ``d[j]`` among them).
+        slot_frames: local frame carried by each slot ``[B, n_slots]`` (the jitter gather).
+        slot_lo, slot_hi: local slot range ``[lo(t), hi(t)]`` of each prediction ``[B, N]``.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    quantizer: QuantizerOutput
+    slot_frames: torch.Tensor
+    slot_lo: torch.Tensor
+    slot_hi: torch.Tensor
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.features = MFCC(cfg.features)
+        self.encoder = Encoder(self.features.dim, cfg.quantizer.dim, cfg.encoder)
+        self.quantizer = VectorQuantizer(cfg.quantizer)
+        self.decoder = WaveNetDecoder(cfg.quantizer.dim, cfg.decoder)
+        enc_layers = self.features.layers() + self.encoder.layers()
+        hop = cfg.features.hop_length * cfg.encoder.stride
+        first, last = hull(enc_layers, 0, 0)
+        rf = last - first + 1
+        k = cfg.decoder.cond_kernel
+        # Centre conditioning index c (slots c..c+k-1) on the samples of its middle frame.
+        shift = ((k - 1) * hop + rf - hop) // 2
+        self.geometry = CodecGeometry(
+            encoder=enc_layers,
+            conditioning=self.decoder.conditioning_layers(hop, shift),
+            wavenet=self.decoder.wavenet_layers(),
+            ar_input=Conv(1, offset=-1),
+        )
+
+    # --- utterance level ----------------------------------------------------------------------
+
+    def pad(self, wave: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Utterance-level padding ``[..., n] -> [..., n + pads]``; returns (padded, left, F)."""
+        left, right, n_frames = self.geometry.padding(wave.shape[-1])
+        return nn.functional.pad(wave, (left, right)), left, n_frames
+
+    @torch.no_grad()
+    def encode(self, padded: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, F]`` of padded utterances ``[B, L]`` (frames of the utterance grid)."""
+        z = self.encoder(self.features(padded)).transpose(1, 2)
+        return self.quantizer.nearest(z)
+
+    # --- training / teacher forcing -----------------------------------------------------------
+
+    def forward(self, wave: torch.Tensor, win: Windows, n: int) -> AutoencoderOutput:
+        """Teacher-forced pass over ``B`` windows of ``n`` consecutive predictions.
+
+        Args:
+            wave: ``[B, L]`` waveform rows in [-1, 1]; row ``b`` holds padded-utterance samples
+                ``[start_b, start_b + L)`` (zero-filled past its own window).
+            win: where each row sits (`Windows`).
+            n: predictions per window (columns of the output).
+        """
+        geo = self.geometry
+        self._check_length(wave, win)
+        z = self.encoder(self.features(wave)).transpose(1, 2)  # [B, F_w, D]
+        q = self.quantizer(z)
+        n_local = z.shape[1]
+
+        t = win.t0[:, None] + torch.arange(n, device=wave.device)  # [B, N]
+        lo, hi = geo.slot_range(t)
+        k0 = lo[:, :1]
+        n_slots = int((hi[:, -1:] - k0).max()) + 1
+        slots = k0 + torch.arange(n_slots, device=wave.device)  # absolute slots [B, n_slots]
+        frames = self.route(slots, win)
+        local = (frames - win.frame0[:, None]).clamp(0, n_local - 1)
+        vecs = q.quantized.gather(1, local[..., None].expand(-1, -1, q.quantized.shape[-1]))
+        cond = self.decoder.condition(vecs.transpose(1, 2), win.speaker)  # [B, L*2G, C]
+
+        ctx = geo.wavenet_context
+        first = self.decoder.wavenet_layers()[0].span
+        times = win.t0[:, None] + torch.arange(-ctx + first, n, device=wave.device)
+        cond_index = (geo.cond_index(times) - k0).clamp(0, cond.shape[-1] - 1)
+        ar = win.t0[:, None] - 1 + torch.arange(-ctx, n, device=wave.device) - win.start[:, None]
+        samples = wave.gather(1, ar.clamp(0, wave.shape[1] - 1))
+        q_ch = self.cfg.decoder.quantization_channels
+        classes = mulaw.encode(samples, q_ch)
+        logits = self.decoder(classes, cond, cond_index)
+        mask = torch.arange(n, device=wave.device)[None] < win.n_valid[:, None]
+        return AutoencoderOutput(
+            logits=logits,
+            targets=mulaw.encode(
+                wave.gather(1, (t - win.start[:, None]).clamp(0, wave.shape[1] - 1)),
+                q_ch,
+            ),
+            mask=mask,
+            quantizer=q,
+            slot_frames=local,
+            slot_lo=(lo - k0).clamp(0, n_slots - 1),
+            slot_hi=(hi - k0).clamp(0, n_slots - 1),
+        )
+
+    def route(self, slots: torch.Tensor, win: Windows) -> torch.Tensor:
+        """Frame ``pi(k)`` carried by each absolute slot ``[B, n_slots]``: jittered in
+        training, a pure function of (seed, epoch, utterance, slot)."""
+        p = self.cfg.decoder.jitter_probability if self.training else 0.0
+        return slot_frames(slots, win.n_frames, p=p, seed=win.seed, epoch=win.epoch, utt=win.utt)
+
+    def _check_length(self, wave: torch.Tensor, win: Windows) -> None:
+        geo = self.geometry
+        last = win.t0 + win.n_valid - 1
+        _, hi = geo.slot_range(last)
+        f1 = torch.minimum(hi + 1, win.n_frames - 1)
+        need = torch.maximum(f1 * geo.hop + geo.encoder_rf, last + 1) - win.start
+        need = int(need.max())
+        if wave.shape[-1] < need or wave.shape[-1] < geo.encoder_rf:
+            raise ValueError(
+                f"window of {wave.shape[-1]} samples is shorter than the {need} samples its "
+                f"predictions need; the receptive field needs at least "
+                f"{geo.min_window_samples(1)} samples for one prediction"
+            )
