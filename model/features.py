@@ -48,7 +48,7 @@ class MFCC(nn.Module):
         self.register_buffer("dct", dct.float())  # [n_mels, n_mfcc]
         w = cfg.delta_width
         taps = torch.arange(-w, w + 1, dtype=torch.float64)
-        delta = taps / (2 * (taps**2).sum())
+        delta = taps / (taps**2).sum()  # torchaudio: sum_n n (c[t+n] - c[t-n]) / (2 sum n^2)
         self.register_buffer("delta", delta.repeat(cfg.n_mfcc, 1)[:, None, :].float())
         dim = 3 * cfg.n_mfcc
         self.register_buffer("mean", torch.zeros(dim))
@@ -82,11 +82,11 @@ class MFCC(nn.Module):
         return torch.matmul(db, self.dct).transpose(1, 2)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        c = self.mfcc(wave)  # [B, n_mfcc, M0]
         w = self.cfg.delta_width
-        if c.shape[-1] < 4 * w + 1:
-            need = self.cfg.win_length + 4 * w * self.cfg.hop_length
+        need = self.cfg.win_length + 4 * w * self.cfg.hop_length
+        if wave.shape[-1] < need:  # before `mfcc`, whose own minimum is one STFT window
             raise ValueError(f"features need at least {need} samples, got {wave.shape[-1]}")
+        c = self.mfcc(wave)  # [B, n_mfcc, M0]
         d1 = nn.functional.conv1d(c, self.delta, groups=c.shape[1])
         d2 = nn.functional.conv1d(d1, self.delta, groups=c.shape[1])
         feats = torch.cat(
