@@ -102,12 +102,16 @@ class VectorQuantizer(nn.Module):
         self,
         reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
         generator: torch.Generator | None = None,
+        broadcast: Callable[[torch.Tensor], torch.Tensor] = _identity,
     ) -> None:
         """Fold this step's usage statistics into the EMA codebook (once per optimiser step).
 
         Args:
-            reduce: sums a tensor over data-parallel ranks (identity in one process).
-            generator: draws restart vectors for dead codes (same on every rank).
+            reduce: combines a tensor over data-parallel ranks the way the gradients are
+                combined (identity in one process).
+            generator: draws restart vectors for dead codes (seeded alike on every rank).
+            broadcast: rank 0's tensor on every rank (identity in one process); restart
+                vectors come from rank 0 so every rank keeps the same codebook.
         """
         if not self.ema:
             return
@@ -122,25 +126,36 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_count + eps) / (n + eps * len(self.ema_count)) * n
         self.codebook.copy_(self.ema_sum / smoothed[:, None].clamp_min(1e-12))
         self._track_usage(count)
-        self._restart_dead(reduce, generator)
+        self._restart_dead(generator, broadcast)
 
     def _track_usage(self, count: torch.Tensor) -> None:
         p = count / count.sum().clamp_min(1e-12)
         self.perplexity.copy_(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
         self.codes_used.copy_((count > 0).sum())
 
-    def _restart_dead(self, reduce, generator) -> None:
-        """Move codes whose EMA usage fell below the threshold onto recent encoder outputs."""
+    def _restart_dead(self, generator, broadcast) -> None:
+        """Move codes whose EMA usage fell below the threshold onto recent encoder outputs.
+
+        ``dead`` depends only on the reduced statistics, so every rank takes the same branch;
+        every rank draws the same amount from its generator and receives rank 0's vectors (or
+        rank 0's decision to skip when it saw no candidates)."""
         dead = self.ema_count < self.cfg.dead_code_threshold
         cand = self._candidates
         self._candidates = None
-        if not bool(dead.any()) or cand is None or len(cand) == 0:
+        n_dead = int(dead.sum())
+        if n_dead == 0:
             return
-        idx = torch.randint(len(cand), (int(dead.sum()),), generator=generator)
-        new = cand[idx.to(cand.device)].to(self.codebook.dtype)
-        # Ranks agree on the restart vectors: rank order is the reducer's business (it may
-        # average); in one process this is the identity.
-        new = reduce(new) / reduce(torch.ones((), dtype=new.dtype, device=new.device))
+        u = torch.rand(n_dead, generator=generator, dtype=torch.float64)
+        dim = self.codebook.shape[1]
+        new = torch.zeros(n_dead, dim, dtype=self.codebook.dtype, device=self.codebook.device)
+        have = torch.zeros((), dtype=self.codebook.dtype, device=self.codebook.device)
+        if cand is not None and len(cand) > 0:
+            idx = (u * len(cand)).long().clamp_max(len(cand) - 1)
+            new.copy_(cand[idx.to(cand.device)].to(new.dtype))
+            have.fill_(1)
+        if float(broadcast(have)) == 0:
+            return
+        new = broadcast(new)
         self.codebook[dead] = new
         self.ema_sum[dead] = new * self.cfg.dead_code_threshold
         self.ema_count[dead] = self.cfg.dead_code_threshold

@@ -1,0 +1,74 @@
+"""Training settings: a dataclass whose defaults are a reference run, overridden by the
+``[train]`` table of a config file (unknown keys and wrong types rejected)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.config import from_dict, load_toml
+
+
+@dataclass
+class TrainConfig:
+    # AdamW.
+    lr: float = 4e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    # Schedule: linear warm-up from 0, then `decay` ("cosine" or "linear") from lr down to the
+    # floor lr * min_lr_ratio at total_steps, constant after.
+    warmup_steps: int = 1000
+    total_steps: int = 200_000
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
+    # Batch: per rank, `accumulation` micro-batches of `windows` windows of `predictions`
+    # consecutive predictions each.
+    windows: int = 8
+    predictions: int = 4000
+    accumulation: int = 1
+    # Validation: teacher-forced CE (nats/sample) over `valid_windows` fixed windows.
+    valid_every: int = 1000
+    valid_windows: int = 64
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    audio_clips: int = 4  # original clips logged to TensorBoard once
+    seed: int = 0
+    compile: bool = False
+    amp: bool = True  # bf16 autocast, CUDA only; the quantiser stays in fp32
+    max_bad_steps: int = 10  # NaN/Inf steps in a row before checkpoint-and-stop
+    kmeans_windows: int = 64  # windows whose encoder outputs seed the codebook (0: no k-means)
+    stats_utterances: int = 200  # utterances sampled when feature statistics must be computed
+
+    def validate(self) -> TrainConfig:
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError("train.decay must be 'cosine' or 'linear'")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.min_lr_ratio must lie in [0, 1]")
+        for name in ("windows", "predictions", "accumulation", "total_steps", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        for name in ("valid_every", "checkpoint_every", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if self.warmup_steps < 0 or self.valid_windows < 0 or self.kmeans_windows < 0:
+            raise ValueError("train.warmup_steps, valid_windows, kmeans_windows must be >= 0")
+        return self
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` for optimiser step ``step`` (0-based)."""
+        import math
+
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def load_train_config(name_or_path: str | Path) -> TrainConfig:
+    """The ``[train]`` table of a config file, over the defaults."""
+    return from_dict(TrainConfig, load_toml(name_or_path).get("train", {}), "train").validate()

@@ -1,0 +1,585 @@
+"""Train the VQ-VAE WaveNet codec on a prepared dataset, on one device or many.
+
+    python -m training.train --config small --data data/vctk --out runs/small
+    python -m training.train --config small --data data/vctk --out runs/small --resume
+    torchrun --nproc_per_node 8 -m training.train --config default --data D --out runs/big
+
+One optimiser step = ``accumulation`` micro-batches of ``windows`` windows of N consecutive
+predictions per rank. The loss contract (DESIGN.md, "The heart"): the valid predictions of all
+micro-batches on all ranks are counted and all-reduced before the forward passes, and every
+micro-batch's loss is its sum over predictions divided by that global count. DDP averages
+gradients over ranks, so each rank's loss is scaled by the world size; the EMA codebook
+statistics are averaged the same way, once per step. The result is the mean per-prediction
+gradient of the whole global batch, however it is split.
+
+Everything an uninterrupted run would have is in each checkpoint (weights, optimiser, schedule,
+codebook buffers, every rank's RNG states, sampler position, best validation CE, resolved config),
+so ``--resume`` continues bit for bit. A NaN/Inf loss or gradient skips the step; ``max_bad_steps``
+in a row write a checkpoint and exit with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.autoencoder import Autoencoder
+from model.config import ModelConfig, from_dict, load_model_config, to_dict
+from training import checkpoint as ckpt_io
+from training import distributed as dist
+from training.config import TrainConfig, load_train_config
+from training.data import Loader, MicroBatch, WindowSampler, fixed_windows, split_lengths
+from training.dataset import Dataset
+from training.loss import batch_loss
+
+EXIT_ERROR = 2
+EXIT_BAD_STEPS = 3
+
+
+class TrainingError(RuntimeError):
+    """A problem with the inputs (config, data, output directory) reported without a trace."""
+
+
+def log(msg: str) -> None:
+    if dist.is_main():
+        tqdm.write(msg, file=sys.stderr)
+
+
+# --- the loss contract -----------------------------------------------------------------------
+
+
+@dataclass
+class StepSums:
+    """This rank's parts of the step loss (each already divided by the global count)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    commitment: torch.Tensor
+    count: int  # global valid predictions of the step
+
+
+def accumulate(
+    model: torch.nn.Module,
+    batches: list[MicroBatch],
+    beta: float,
+    autocast=contextlib.nullcontext,
+) -> StepSums:
+    """Forward and backward over one step's micro-batches; gradients are left in ``.grad``.
+
+    Args:
+        model: the autoencoder, possibly wrapped in DDP (averaging gradients over ranks).
+        batches: this rank's micro-batches of the step.
+        beta: commitment weight.
+        autocast: a context manager factory for mixed precision.
+    """
+    count = torch.tensor(float(sum(b.n_valid() for b in batches)), dtype=torch.float64)
+    count = int(dist.all_reduce_sum(count.to(_device_of(model))).item())
+    scale = dist.world_size()  # DDP averages: sum over ranks / count = world * mean
+    is_ddp = isinstance(model, DistributedDataParallel)
+    zero = torch.zeros((), dtype=torch.float64)
+    sums = StepSums(zero.clone(), zero.clone(), zero.clone(), count)
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if (last or not is_ddp) else model.no_sync()
+        with sync:
+            with autocast():
+                out = model(b.wave, b.windows, b.n)
+            if out.logits.dtype in (torch.bfloat16, torch.float16):
+                out.logits = out.logits.float()  # the softmax and the sums in fp32
+            terms = batch_loss(out, beta, count)
+            (terms.loss * scale).backward()
+        sums.loss += terms.loss.detach().double().cpu()
+        sums.ce += terms.ce.double().cpu()
+        sums.commitment += terms.commitment.double().cpu()
+    return sums
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- the trainer -----------------------------------------------------------------------------
+
+
+class Trainer:
+    """Model, optimiser, data and bookkeeping of one run (one per rank)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        data: str | Path,
+        out: str | Path,
+        device: str | None = None,
+        resume: bool = False,
+    ):
+        self.out = Path(out)
+        self.device = _pick_device(device)
+        dist.init(self.device.type)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        try:
+            self.dataset = Dataset(data)
+        except (FileNotFoundError, ValueError) as exc:
+            raise TrainingError(str(exc)) from exc
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        state = self._find_resume_state(resume)
+        if state is not None:
+            model_cfg = from_dict(ModelConfig, state["model_config"], "model").validate()
+            saved_train = from_dict(TrainConfig, state["train_config"], "train").validate()
+            if to_dict(saved_train) != to_dict(train_cfg):
+                log("note: resuming with the checkpoint's [train] settings, not the file's")
+            train_cfg = saved_train
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        cfg = train_cfg
+        n_spk = len(self.dataset.speakers)
+        if n_spk > model_cfg.decoder.n_speakers:
+            raise TrainingError(
+                f"the dataset has {n_spk} speakers but the model's decoder.n_speakers is "
+                f"{model_cfg.decoder.n_speakers}: raise it in the config"
+            )
+        if self.dataset.sample_rate != model_cfg.features.sample_rate:
+            raise TrainingError(
+                f"dataset sample rate {self.dataset.sample_rate} != model "
+                f"{model_cfg.features.sample_rate}"
+            )
+        train_lengths = split_lengths(self.dataset, "train")
+        if not train_lengths:
+            raise TrainingError(f"{data} has no utterances in the train split")
+
+        torch.manual_seed(cfg.seed)
+        self.model = Autoencoder(model_cfg).to(self.device)
+        geo = self.model.geometry
+        self.sampler = WindowSampler(
+            train_lengths,
+            geo,
+            cfg.windows * cfg.accumulation,
+            cfg.predictions,
+            seed=cfg.seed,
+            rank=self.rank,
+            world=self.world,
+        )
+        self.loader = Loader(self.dataset, geo, cfg.seed)
+        valid_lengths = split_lengths(self.dataset, "valid")
+        if not valid_lengths:
+            log("warning: no valid split: validation is skipped and best.pt is not written")
+        self.valid = fixed_windows(valid_lengths, geo, cfg.valid_windows, cfg.predictions, cfg.seed)
+        self.ema_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step, self.best, self.bad_in_a_row = 0, math.inf, 0
+
+        if state is None:
+            self._init_statistics(train_lengths)
+            self._init_codebook()
+        else:
+            self.model.load_state_dict(state["model"])
+
+        self.forward_model: torch.nn.Module = self.model
+        if cfg.compile and self.device.type != "cuda":
+            # torch 2.11's inductor emits C++ that does not build for this model on CPU.
+            log("note: train.compile is ignored on CPU")
+        elif cfg.compile:
+            self.forward_model = torch.compile(self.model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Buffers are kept equal by the EMA reduce and rank 0's restarts; DDP's per-forward
+            # buffer broadcast would overwrite the step statistics of earlier micro-batches.
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=ids, broadcast_buffers=False
+            )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        if state is not None:
+            self._restore(state)
+        else:
+            self._seed_everything()
+
+    # --- set-up --------------------------------------------------------------------------
+
+    def _find_resume_state(self, resume: bool) -> dict | None:
+        if dist.is_main():
+            ckpt_io.remove_stale_temporaries(self.out)
+        existing = ckpt_io.list_checkpoints(self.out)
+        if not resume:
+            if existing:
+                raise TrainingError(
+                    f"{self.out} already holds checkpoints: pass --resume to continue, or "
+                    "choose another --out"
+                )
+            return None
+        found = None
+        if dist.is_main():
+            found = ckpt_io.load_latest(self.out)
+        path = dist.broadcast_object(str(found[1]) if found else None)
+        if path is None:
+            log(f"no intact checkpoint in {self.out}: starting from scratch")
+            return None
+        state = found[0] if found else ckpt_io.load(path)
+        log(f"resuming from {path} (step {state['step']})")
+        return state
+
+    def _init_statistics(self, train_lengths: dict[int, int]) -> None:
+        feats = self.model.features
+        stats = self.dataset.stats
+        if stats is not None and stats.get("features") == to_dict(self.model_cfg.features):
+            feats.set_statistics(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
+            log("feature statistics: from the dataset's stats.json")
+            return
+        why = "no stats.json" if stats is None else "stats.json has other feature settings"
+        rng = np.random.default_rng([self.cfg.seed, 0x57A7])
+        ids = sorted(train_lengths)
+        pick = rng.permutation(len(ids))[: self.cfg.stats_utterances]
+        feats.set_statistics(torch.zeros(feats.dim), torch.ones(feats.dim))
+        total = torch.zeros(feats.dim, dtype=torch.float64)
+        total_sq = torch.zeros(feats.dim, dtype=torch.float64)
+        frames = 0
+        with torch.no_grad():
+            for j in pick:
+                wave = torch.from_numpy(self.dataset.wave(ids[j]))
+                try:
+                    f = feats(wave[None].to(self.device))[0].double().cpu()  # [C, M]
+                except ValueError:  # shorter than one feature frame
+                    continue
+                total += f.sum(1)
+                total_sq += (f * f).sum(1)
+                frames += f.shape[1]
+        if frames < 2:
+            raise TrainingError("train utterances too short to compute feature statistics")
+        mean = total / frames
+        std = (total_sq / frames - mean * mean).clamp_min(0).sqrt()
+        feats.set_statistics(mean.float(), std.float())
+        dist.broadcast(feats.mean)
+        dist.broadcast(feats.std)
+        log(f"feature statistics: computed from {len(pick)} train utterances ({why})")
+
+    def _init_codebook(self) -> None:
+        q = self.model.quantizer
+        n = self.cfg.kmeans_windows
+        if n == 0:
+            return
+        lengths = split_lengths(self.dataset, "train")
+        sampler = WindowSampler(
+            lengths, self.model.geometry, n, self.cfg.predictions, seed=self.cfg.seed + 0x4B
+        )
+        vectors, tries = [], 0
+        with torch.no_grad():
+            while sum(len(v) for v in vectors) < q.cfg.codebook_size and tries < 20:
+                epoch, windows = sampler.next()
+                for w in windows:  # one window at a time: no zero-filled rows
+                    b = self.loader.batch([w], epoch, w.n).to(self.device)
+                    z = self.model.encoder(self.model.features(b.wave)).transpose(1, 2)
+                    vectors.append(z[0].float())
+                tries += 1
+        z = torch.cat(vectors)
+        if len(z) < q.cfg.codebook_size:
+            raise TrainingError(
+                f"k-means needs {q.cfg.codebook_size} encoder outputs; the train split gave "
+                f"{len(z)}"
+            )
+        q.kmeans_init(z, generator=torch.Generator().manual_seed(self.cfg.seed + 2))
+        for buf in (q.codebook, q.ema_count, q.ema_sum) if q.ema else (q.codebook,):
+            dist.broadcast(buf.data)
+        log(f"codebook: k-means on {len(z)} encoder outputs of {len(vectors)} windows")
+
+    def _seed_everything(self) -> None:
+        seed = self.cfg.seed * 1000 + self.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def _rng_state(self) -> dict:
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "ema": self.ema_generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        self.ema_generator.set_state(state["ema"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def state_dict(self) -> dict:
+        """The checkpoint (collective: every rank must call it, for their RNG states)."""
+        return {
+            "model_config": to_dict(self.model_cfg),
+            "train_config": to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": dist.all_gather_object(self._rng_state()),
+            "sampler": self.sampler.state_dict(),
+            "step": self.step,
+            "best_valid_ce": self.best,
+            "bad_in_a_row": self.bad_in_a_row,
+            "world_size": self.world,
+            "speakers": list(self.dataset.speakers),
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.best = float(state["best_valid_ce"])
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        rngs = state["rng"]
+        if len(rngs) != self.world:
+            log(f"warning: checkpoint from {len(rngs)} ranks, now {self.world}: data order differs")
+        self._set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+
+    def save(self) -> Path | None:
+        state = self.state_dict()
+        path = None
+        if dist.is_main():
+            path = ckpt_io.save_rotating(state, self.out, self.step, self.cfg.keep_last)
+        dist.barrier()
+        return path
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step; returns namespaced metrics (``skipped`` = 1 for a NaN/Inf step)."""
+        started = time.perf_counter()
+        self.model.train()
+        epoch, windows = self.sampler.next()
+        batches = [
+            b.to(self.device)
+            for b in self.loader.step(windows, epoch, self.cfg.predictions, self.cfg.accumulation)
+        ]
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = accumulate(
+            self.forward_model, batches, self.model_cfg.quantizer.beta, self._autocast
+        )
+        parts = torch.stack([sums.loss, sums.ce, sums.commitment]).to(self.device)
+        loss, ce, commitment = dist.all_reduce_sum(parts).tolist()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        q = self.model.quantizer
+        lr = self.scheduler.get_last_lr()[0]
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            q.ema_update(
+                reduce=dist.all_reduce_mean, generator=self.ema_generator, broadcast=dist.broadcast
+            )
+            self.bad_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if q.ema:  # this step's usage statistics are dropped with it
+                q.step_count.zero_()
+                q.step_sum.zero_()
+                q._candidates = None
+            self.bad_in_a_row += 1
+            log(
+                f"step {self.step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "
+                f"skipped ({self.bad_in_a_row} in a row)"
+            )
+        self.scheduler.step()
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        return {
+            "loss/total": loss,
+            "loss/ce": ce,
+            "loss/commitment": commitment,
+            "vq/perplexity": float(q.perplexity),
+            "vq/codes_used": float(q.codes_used),
+            "perf/samples_per_s": sums.count / elapsed,
+            "perf/grad_norm": grad_norm,
+            "lr": lr,
+            "skipped": 0.0 if finite else 1.0,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Teacher-forced CE in nats/sample over the fixed validation windows (no jitter)."""
+        if not self.valid:
+            return None
+        self.model.eval()
+        mine = self.valid[self.rank :: self.world]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(0, len(mine), self.cfg.windows):
+            b = self.loader.batch(mine[i : i + self.cfg.windows], 0, self.cfg.predictions)
+            b = b.to(self.device)
+            with self._autocast():
+                out = self.model(b.wave, b.windows, b.n)
+            ce = torch.nn.functional.cross_entropy(
+                out.logits.float(), out.targets, reduction="none"
+            )
+            sums[0] += (ce * out.mask).sum().double()
+            sums[1] += out.mask.sum()
+        self.model.train()
+        total, count = dist.all_reduce_sum(sums).tolist()
+        return total / count
+
+    def log_audio(self, writer) -> None:
+        """The original clips of the first validation windows' utterances (a few seconds)."""
+        sr = self.dataset.sample_rate
+        seen = []
+        for w in self.valid:
+            if w.utt in seen or len(seen) >= self.cfg.audio_clips:
+                continue
+            seen.append(w.utt)
+            wave = torch.from_numpy(self.dataset.wave(w.utt)[: 4 * sr].copy())
+            writer.add_audio(f"input/{self.dataset.records[w.utt].id}", wave[None], 0, sr)
+
+
+def _pick_device(name: str | None) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and dist.launched_by_torchrun():
+        device = torch.device("cuda", dist.local_rank())
+    return device
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="config name (tiny, small, default) or TOML")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, TensorBoard)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--steps", type=int, help="stop after this optimiser step (default: total)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model_cfg, train_cfg = load_model_config(args.config), load_train_config(args.config)
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+        raise TrainingError(f"config {args.config}: {exc}") from exc
+    trainer = Trainer(
+        model_cfg,
+        train_cfg,
+        args.data,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+    )
+    cfg = trainer.cfg
+    stop = args.steps if args.steps is not None else cfg.total_steps
+    writer = None
+    metrics_file = None
+    if dist.is_main():
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(trainer.out / "tb"))
+        if trainer.step == 0:
+            trainer.log_audio(writer)
+            (trainer.out / "config.json").write_text(
+                json.dumps({"model": trainer.model_cfg, "train": cfg}, default=vars, indent=2)
+            )
+        metrics_file = open(trainer.out / "metrics.jsonl", "a")
+    bar = tqdm(
+        total=stop,
+        initial=trainer.step,
+        disable=args.no_progress or not dist.is_main(),
+        dynamic_ncols=True,
+    )
+    saved_at = trainer.step
+    try:
+        while trainer.step < stop:
+            m = trainer.train_step()
+            if trainer.step % cfg.valid_every == 0:
+                valid = trainer.validate()
+                if valid is not None:
+                    m["valid/ce"] = valid
+                    if valid < trainer.best:
+                        trainer.best = valid
+                        state = trainer.state_dict()
+                        if dist.is_main():
+                            ckpt_io.save_best(state, trainer.out)
+            if dist.is_main():
+                metrics_file.write(json.dumps({"step": trainer.step, **m}) + "\n")
+                metrics_file.flush()
+                if trainer.step % cfg.log_every == 0 or "valid/ce" in m:
+                    for k, v in m.items():
+                        writer.add_scalar(k, v, trainer.step)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{m['loss/total']:.3f}",
+                    ce=f"{m['loss/ce']:.3f}",
+                    commit=f"{m['loss/commitment']:.4f}",
+                    ppl=f"{m['vq/perplexity']:.1f}",
+                    used=int(m["vq/codes_used"]),
+                    sps=f"{m['perf/samples_per_s']:.0f}",
+                )
+            if trainer.bad_in_a_row >= cfg.max_bad_steps:
+                path = trainer.save()
+                print(
+                    f"error: {trainer.bad_in_a_row} non-finite steps in a row (max_bad_steps = "
+                    f"{cfg.max_bad_steps}); wrote {path} and stopped. Lower the learning rate or "
+                    "check the data.",
+                    file=sys.stderr,
+                )
+                return EXIT_BAD_STEPS
+            if trainer.step % cfg.checkpoint_every == 0:
+                trainer.save()
+                saved_at = trainer.step
+        if saved_at != trainer.step:
+            trainer.save()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+            metrics_file.close()
+    best = f"{trainer.best:.4f} nats/sample" if math.isfinite(trainer.best) else "none yet"
+    log(f"done at step {trainer.step}; best valid CE {best}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        return run(args)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
