@@ -1,0 +1,371 @@
+"""Export a checkpoint to three ONNX graphs plus ``model.json``, then prove them against PyTorch.
+
+    python -m export --checkpoint runs/small/last.pt --out exported/small [--int8]
+
+Graphs (dynamic batch and length axes, exported with a batch of 2):
+
+* ``encoder.onnx``: ``wave [B, L]`` (padded utterances) -> ``codes [B, F]``, MFCC inside.
+* ``conditioner.onnx``: ``codes [B, F]``, ``speaker [B]`` -> ``cond [B, L*2G, F - k + 1]``,
+  per-layer gate conditioning at 50 Hz (constant biases folded in, see `DecoderStep`).
+* ``decoder_step.onnx``: ``prev [B]``, ``past [L, B, (k-1)R]``, ``cond [B, L*2G]``,
+  ``noise [B]`` -> ``sample [B]``, ``logits [B, Q]``, ``current [B, L*R]`` (`DecoderStep`).
+* ``decoder_step.int8.onnx`` with ``--int8``: dynamically quantised weights; the export prints
+  its teacher-forced cross-entropy against fp32 on held-out clips.
+
+``model.json`` holds the resolved model config, the geometry's layer specs (the runtime rebuilds
+`CodecGeometry` from them), sample rate, hop, K, speakers, the sha256 of every file and a model
+id. After writing, every graph is run with onnxruntime and compared with PyTorch; a mismatch
+raises `ExportMismatch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.autoencoder import Autoencoder
+from model.config import ModelConfig, from_dict, to_dict
+from model.decoder_step import DecoderStep
+from model.geometry import CodecGeometry
+
+FORMAT = "vqwavenet-onnx"
+VERSION = 1
+FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx")
+INT8_FILE = "decoder_step.int8.onnx"
+OPSET = 20
+TIE = 1e-5  # float32 distance ties below which two codes may legitimately differ
+TOLERANCE = 1e-4
+
+
+class ExportMismatch(RuntimeError):
+    """An exported graph disagrees with the PyTorch model."""
+
+
+# --- graphs --------------------------------------------------------------------------------------
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: Autoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` padded utterances -> codes ``[B, F]``."""
+        return self.model.encode(wave)
+
+
+class ConditionerGraph(nn.Module):
+    def __init__(self, model: Autoencoder, step: DecoderStep):
+        super().__init__()
+        self.model, self.step = model, step
+
+    def forward(self, codes: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, F]`` + speakers ``[B]`` -> ``[B, L*2G, F - k + 1]`` (slots = frames:
+        no jitter at inference)."""
+        vecs = self.model.quantizer.codebook[codes]  # [B, F, D]
+        return self.step.condition(vecs.transpose(1, 2), speaker)
+
+
+class StepGraph(nn.Module):
+    def __init__(self, step: DecoderStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, prev, past, cond, noise):
+        out = self.step(prev, past, cond, noise)
+        return out.sample, out.logits, out.current
+
+
+# --- checkpoints and specs -----------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path) -> tuple[Autoencoder, list[str], dict]:
+    """Rebuild the eval-mode model of a checkpoint; returns (model, speakers, checkpoint)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    missing = {"model_config", "model"} - set(ckpt)
+    if missing:
+        raise KeyError(f"{path}: not a checkpoint (missing {sorted(missing)})")
+    model = Autoencoder(from_dict(ModelConfig, ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    n = model.cfg.decoder.n_speakers
+    speakers = list(ckpt.get("speakers") or [f"speaker{i}" for i in range(n)])
+    return model.eval(), speakers, ckpt
+
+
+def layer_spec(layer) -> dict:
+    return {"type": type(layer).__name__, **dataclasses.asdict(layer)}
+
+
+def geometry_spec(geo: CodecGeometry) -> dict:
+    """Layer specs from which `export.runtime` rebuilds the same `CodecGeometry`."""
+    return {
+        "encoder": [layer_spec(x) for x in geo.encoder],
+        "conditioning": [layer_spec(x) for x in geo.conditioning],
+        "wavenet": [layer_spec(x) for x in geo.wavenet],
+        "ar_input": layer_spec(geo.ar_input),
+    }
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter warns per graph (TorchScript deprecation, tracer casts): keep the CLI
+    readable."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic) -> None:
+    """TorchScript-based exporter: seconds per graph where dynamo takes tens of seconds.
+    ``dynamic`` names the dynamic axes of each input and output. The exporter restores the
+    wrapper's train/eval mode afterwards (recursively), so wrappers must be in eval mode or
+    the model is left in training mode, with jitter."""
+    module = module.eval()
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=dynamic,
+            dynamo=False,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+
+
+def example_inputs(model: Autoencoder, step: DecoderStep, batch: int = 2, frames: int = 12):
+    """Random but valid example inputs of every graph (batch >= 2 for the dynamic axes)."""
+    geo, cfg = model.geometry, model.cfg
+    g = torch.Generator().manual_seed(0)
+    n_samples = (frames - 1) * geo.hop + geo.encoder_rf
+    wave = 0.3 * torch.randn(batch, n_samples, generator=g)
+    codes = torch.randint(cfg.quantizer.codebook_size, (batch, frames), generator=g)
+    speaker = torch.arange(batch) % cfg.decoder.n_speakers
+    n_layers, r = step.n_layers, step.residual_channels
+    prev = torch.randint(cfg.decoder.quantization_channels, (batch,), generator=g)
+    past = torch.randn(n_layers, batch, (step.kernel - 1) * r, generator=g)
+    cond = torch.randn(batch, n_layers * 2 * step.gate, generator=g)
+    noise = torch.rand(batch, generator=g)
+    return wave, (codes, speaker), (prev, past, cond, noise)
+
+
+def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
+    """Write the three fp32 graphs into ``out``; returns the step module they came from."""
+    model = model.eval()
+    step = DecoderStep(model.decoder).eval()
+    wave, cond_args, step_args = example_inputs(model, step)
+    batch = {0: "batch"}
+    _export(
+        EncoderGraph(model),
+        (wave,),
+        out / FILES[0],
+        ["wave"],
+        ["codes"],
+        {"wave": {0: "batch", 1: "samples"}, "codes": {0: "batch", 1: "frames"}},
+    )
+    _export(
+        ConditionerGraph(model, step),
+        cond_args,
+        out / FILES[1],
+        ["codes", "speaker"],
+        ["cond"],
+        {"codes": {0: "batch", 1: "frames"}, "speaker": batch, "cond": {0: "batch", 2: "slots"}},
+    )
+    names = ["prev", "past", "cond", "noise", "sample", "logits", "current"]
+    _export(
+        StepGraph(step),
+        step_args,
+        out / FILES[2],
+        names[:4],
+        names[4:],
+        {**{name: batch for name in names}, "past": {1: "batch"}},
+    )
+    return step
+
+
+def quantize_int8(out: Path) -> None:
+    """Dynamically quantised (int8 weights, per-call activation scales) copy of the step."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(
+            str(out / FILES[2]),
+            str(out / INT8_FILE),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+        )
+
+
+def write_metadata(model: Autoencoder, speakers: list[str], out: Path, extra: dict) -> dict:
+    cfg = model.cfg
+    files = [f for f in (*FILES, INT8_FILE) if (out / f).is_file()]
+    hashes = {f: sha256(out / f) for f in files}
+    config = to_dict(cfg)
+    model_id = hashlib.sha256(
+        json.dumps({"config": config, "files": hashes}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    step = DecoderStep(model.decoder)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_id": model_id,
+        "sample_rate": cfg.features.sample_rate,
+        "hop": model.geometry.hop,
+        "codebook_size": cfg.quantizer.codebook_size,
+        "quantization_channels": cfg.decoder.quantization_channels,
+        "speakers": speakers,
+        "model_config": config,
+        "geometry": geometry_spec(model.geometry),
+        "decoder_step": {
+            "n_layers": step.n_layers,
+            "kernel_size": step.kernel,
+            "dilations": step.dilations,
+            "residual_channels": step.residual_channels,
+            "gate_channels": step.gate,
+            "cond_kernel": cfg.decoder.cond_kernel,
+        },
+        "files": hashes,
+        **extra,
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _max_err(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.abs(a - b.detach().numpy()).max())
+
+
+def code_mismatches(model: Autoencoder, padded: torch.Tensor, codes: np.ndarray) -> int:
+    """Frames whose ``codes`` differ from PyTorch's and are not a distance tie (within TIE)."""
+    with torch.no_grad():
+        z = model.encoder(model.features(padded)).transpose(1, 2).double()
+        e = model.quantizer.codebook.double()
+        dist = torch.cdist(z, e[None].expand(len(z), -1, -1)) ** 2  # [B, F, K]
+    ref = dist.argmin(-1).numpy()
+    got = torch.as_tensor(codes, dtype=torch.long)
+    d_got = dist.gather(-1, got[..., None])[..., 0]
+    d_best = dist.min(-1).values
+    return int(((codes != ref) & ((d_got - d_best).numpy() > TIE)).sum())
+
+
+def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> dict:
+    """Run each graph with onnxruntime at a batch other than the export's and compare.
+
+    Returns the measured errors; raises `ExportMismatch` beyond the tolerances."""
+    wave, (codes, speaker), step_args = example_inputs(model, step, batch=batch, frames=17)
+    errors = {}
+    enc = _session(out / FILES[0]).run(None, {"wave": wave.numpy()})[0]
+    errors["encoder_code_mismatches"] = code_mismatches(model, wave, enc)
+    with torch.no_grad():
+        ref_cond = ConditionerGraph(model, step)(codes, speaker)
+        ref = step(*step_args)
+    cond = _session(out / FILES[1]).run(None, {"codes": codes.numpy(), "speaker": speaker.numpy()})
+    errors["conditioner_max_abs"] = _max_err(cond[0], ref_cond)
+    names = ("prev", "past", "cond", "noise")
+    feeds = {k: v.numpy() for k, v in zip(names, step_args)}
+    sample, logits, current = _session(out / FILES[2]).run(None, feeds)
+    errors["step_logits_max_abs"] = _max_err(logits, ref.logits)
+    errors["step_current_max_abs"] = _max_err(current, ref.current)
+    # The class may differ only where the noise sits on a CDF boundary within tolerance.
+    cdf = torch.softmax(ref.logits.double(), 1).cumsum(1)
+    near = (cdf - step_args[3].double()[:, None]).abs().min(1).values < TOLERANCE
+    errors["step_sample_mismatches"] = int(((sample != ref.sample.numpy()) & ~near.numpy()).sum())
+    bad = [
+        k
+        for k, v in errors.items()
+        if (k.endswith("mismatches") and v > 0) or (k.endswith("max_abs") and v > TOLERANCE)
+    ]
+    if bad:
+        raise ExportMismatch(f"exported graphs differ from PyTorch: {bad} ({errors})")
+    return errors
+
+
+# --- int8 quality --------------------------------------------------------------------------------
+
+
+def int8_quality(out: Path, waves: list[np.ndarray], max_samples: int = 8000) -> dict:
+    """Teacher-forced cross-entropy (nats/sample) of fp32 and int8 steps on held-out clips."""
+    from export.runtime import Codec
+
+    waves = [w[:max_samples] for w in waves]
+    result = {}
+    for name, int8 in (("fp32", False), ("int8", True)):
+        codec = Codec(out, int8=int8)
+        result[f"ce_{name}"] = codec.cross_entropy(waves, speaker=0)
+    result["ce_increase"] = result["ce_int8"] - result["ce_fp32"]
+    result["clips"] = len(waves)
+    result["samples"] = int(sum(len(w) for w in waves))
+    return result
+
+
+def export_model(
+    model: Autoencoder,
+    speakers: list[str],
+    out: str | Path,
+    *,
+    int8: bool = False,
+    quality_waves: list[np.ndarray] | None = None,
+    quality_samples: int = 8000,
+    notice: str | None = None,
+) -> dict:
+    """Export, verify and describe a model; returns the ``model.json`` contents.
+
+    ``notice``: a caveat for users (e.g. how briefly the model was trained), shown by the app.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    step = export_graphs(model, out)
+    errors = verify(model, step, out)
+    extra = {"verification": errors, **({"notice": notice} if notice else {})}
+    if int8:
+        quantize_int8(out)
+    else:
+        (out / INT8_FILE).unlink(missing_ok=True)
+    meta = write_metadata(model, speakers, out, extra)
+    if int8 and quality_waves:
+        meta["int8_quality"] = int8_quality(out, quality_waves, quality_samples)
+        (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

@@ -1,0 +1,124 @@
+"""One incremental WaveNet step: the next sample from per-layer past activations, O(layers) work.
+
+`WaveNetDecoder.forward` recomputes every layer over the receptive field; generation only needs
+the newest column. Layer ``i`` at time ``tau`` reads its input at ``tau - j * d_i``
+(``j < kernel``), so the caller keeps, per layer, a ring buffer of its last ``(kernel-1) * d_i``
+inputs and passes the ``kernel - 1`` older taps as ``past``; this module returns the current
+inputs (``current``) to push into those rings. Ring buffers and sampling noise live outside
+(numpy in `export.runtime`), so this module exports to ONNX as one small graph and runs seeded.
+
+The weights are a snapshot of the decoder's, rearranged for row-vector products (one GEMM per
+layer for the dilated taps, one for every layer's skip at once): rebuild after training.
+The dilated convolutions' biases are folded into the conditioning (`condition`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.decoder import WaveNetDecoder
+
+
+@dataclass
+class StepOutput:
+    """Results of one step for ``B`` streams.
+
+    Attributes:
+        sample: mu-law class drawn by inverse CDF from ``noise`` ``[B]`` (int64).
+        logits: ``[B, Q]``.
+        current: each layer's shifted input at this time ``[B, L * R]`` (layer-major; push into
+            the rings). Shifted: layer ``i``'s input less the constant sum of the residual
+            biases before it, which is folded into the conditioning instead.
+    """
+
+    sample: torch.Tensor
+    logits: torch.Tensor
+    current: torch.Tensor
+
+
+class DecoderStep(nn.Module):
+    """Incremental form of a `WaveNetDecoder` (same function, teacher-forced or sampled).
+
+    Each layer costs one product for the current tap, a gate and one residual product; the
+    older taps of every layer are one batched product at the start, the skips one product at
+    the end. Constant terms (dilated biases, and the residual biases carried along the residual
+    path, whose effect on every later layer's taps is a constant) live in `condition`, so the
+    rings hold inputs without them (see `StepOutput.current`).
+    """
+
+    def __init__(self, decoder: WaveNetDecoder):
+        super().__init__()
+        cfg = decoder.cfg
+        self.dilations = list(decoder.dilations)
+        self.kernel = k = cfg.kernel_size
+        self.gate = g = cfg.gate_channels
+        self.n_layers = n = len(self.dilations)
+        self.residual_channels = r = cfg.residual_channels
+        with torch.no_grad():
+            self.embed = nn.Embedding.from_pretrained(decoder.embed.weight.detach().clone())
+            # Dilated weight [2G, R, k]: tap j reads tau - (k-1-j) d (oldest first).
+            taps = torch.stack([c.weight.permute(2, 1, 0) for c in decoder.dilated])  # [L,k,R,2G]
+            self.register_buffer("past_w", taps[:, :-1].reshape(n, (k - 1) * r, 2 * g).clone())
+            self.register_buffer("current_w", taps[:, -1].clone())  # [L, R, 2G]
+            res_b = torch.stack([x.bias for x in decoder.residual])  # [L-1, R]
+            shift = torch.cat([torch.zeros(1, r), res_b.cumsum(0)])  # [L, R]: bias sum before i
+            bias = torch.stack([c.bias for c in decoder.dilated])  # [L, 2G]
+            bias = bias + torch.einsum("lr,lkrg->lg", shift, taps)
+            self.register_buffer("gate_bias", bias.reshape(-1).clone())  # [L * 2G]
+            self.register_buffer(
+                "residual_w", torch.stack([x.weight[:, :, 0].t() for x in decoder.residual]).clone()
+            )  # [L-1, G, R]
+            self.register_buffer(
+                "skip_w", torch.cat([s.weight[:, :, 0].t() for s in decoder.skip]).clone()
+            )  # [L * G, S]
+            self.register_buffer("skip_b", sum(s.bias for s in decoder.skip).clone())  # [S]
+            head1, head2 = decoder.head[1], decoder.head[3]
+            self.register_buffer("head1_w", head1.weight[:, :, 0].t().clone())  # [S, S]
+            self.register_buffer("head1_b", head1.bias.clone())
+            self.register_buffer("head2_w", head2.weight[:, :, 0].t().clone())  # [S, Q]
+            self.register_buffer("head2_b", head2.bias.clone())
+        self._decoder = [decoder]  # not a submodule: the state dict holds only the snapshot
+
+    def condition(self, slots: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        """The decoder's conditioning plus the folded constants ``[B, L * 2G, C]`` (see
+        `WaveNetDecoder.condition` for the arguments)."""
+        return self._decoder[0].condition(slots, speaker) + self.gate_bias[None, :, None]
+
+    def ring_sizes(self) -> list[int]:
+        """Inputs each layer's ring buffer must hold: ``(kernel - 1) * dilation``."""
+        return [(self.kernel - 1) * d for d in self.dilations]
+
+    def forward(
+        self, prev: torch.Tensor, past: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor
+    ) -> StepOutput:
+        """One step at decoder time ``tau`` for ``B`` streams.
+
+        Args:
+            prev: mu-law class of sample ``tau - 1`` ``[B]`` (int64).
+            past: shifted layer inputs at ``tau - j * d_i`` for ``j = k-1, ..., 1`` (oldest
+                first), ``[L, B, (k-1) * R]``.
+            cond: `condition` at ``cond_index(tau)`` ``[B, L * 2G]``.
+            noise: uniform in [0, 1) ``[B]``; the class is the first whose CDF exceeds it.
+        """
+        g, n = self.gate, self.n_layers
+        pre = torch.bmm(past, self.past_w)  # [L, B, 2G]
+        pre = pre + cond.reshape(-1, n, 2 * g).transpose(0, 1)
+        x = self.embed(prev)  # [B, R]
+        inputs, gates = [], []
+        for i in range(n):
+            inputs.append(x)
+            h = pre[i] + x @ self.current_w[i]  # [B, 2G]
+            z = torch.tanh(h[:, :g]) * torch.sigmoid(h[:, g:])  # [B, G]
+            gates.append(z)
+            if i < n - 1:
+                x = x + z @ self.residual_w[i]
+        skips = torch.cat(gates, 1) @ self.skip_w + self.skip_b  # [B, S]
+        h = torch.relu(torch.relu(skips) @ self.head1_w + self.head1_b)
+        logits = h @ self.head2_w + self.head2_b  # [B, Q]
+        cdf = torch.cumsum(torch.softmax(logits, dim=1), dim=1)
+        q = logits.shape[1]
+        sample = (cdf < noise[:, None]).to(torch.int64).sum(1).clamp(max=q - 1)
+        return StepOutput(sample, logits, torch.cat(inputs, 1))

@@ -1,0 +1,269 @@
+"""ONNX export: graphs equal PyTorch, the incremental step equals the parallel decoder, the
+verification and the CLI fail loudly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from export.__main__ import main as export_main
+from export.onnx_export import (
+    ExportMismatch,
+    export_model,
+    load_checkpoint,
+    sha256,
+    verify,
+)
+from model.autoencoder import Autoencoder, Windows
+from model.config import load_model_config, to_dict
+from model.decoder_step import DecoderStep
+
+DATA = Path(__file__).parent / "data"
+
+
+def make_checkpoint(path: Path, config: str = "tiny", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Autoencoder(load_model_config(config))
+    dim = model.features.dim
+    model.features.set_statistics(torch.linspace(-20, 20, dim), torch.linspace(5, 30, dim))
+    n = model.cfg.decoder.n_speakers
+    ckpt = {
+        "model_config": to_dict(model.cfg),
+        "model": model.state_dict(),
+        "speakers": [f"spk{i}" for i in range(n)],
+        "step": 0,
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+def clip(name: str, n: int | None = None) -> np.ndarray:
+    x, _ = sf.read(DATA / f"{name}.wav", dtype="float32")
+    return x[:n] if n else x
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = make_checkpoint(root / "tiny.pt")
+    model, speakers, _ = load_checkpoint(ckpt)
+    meta = export_model(model, speakers, root / "out")
+    return model, root / "out", meta, ckpt
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def teacher_forced_reference(model: Autoencoder, wave: torch.Tensor, speaker: int):
+    """Parallel teacher-forced logits ``[n, Q]`` of a whole utterance, and its padding."""
+    geo = model.geometry
+    left, right, n_frames = geo.padding(len(wave))
+    padded = torch.nn.functional.pad(wave, (left, right))[None]
+    one = torch.tensor([0])
+    win = Windows(
+        start=one * 0,
+        frame0=one * 0,
+        n_frames=torch.tensor([n_frames]),
+        t0=torch.tensor([left]),
+        n_valid=torch.tensor([len(wave)]),
+        utt=one * 0,
+        speaker=torch.tensor([speaker]),
+    )
+    with torch.no_grad():
+        logits = model(padded, win, len(wave)).logits[0].T
+    return logits, padded[0], left, n_frames
+
+
+# --- the graphs ----------------------------------------------------------------------------------
+
+
+def test_export_writes_graphs_with_hashes_and_geometry(tiny):
+    model, out, meta, _ = tiny
+    assert not model.training  # the exporter must not leave the model in training mode
+    on_disk = json.loads((out / "model.json").read_text())
+    assert on_disk["model_id"] == meta["model_id"]
+    for name in ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx"):
+        assert on_disk["files"][name] == sha256(out / name)
+    assert not (out / "decoder_step.int8.onnx").exists()
+    assert on_disk["hop"] == model.geometry.hop
+    assert on_disk["codebook_size"] == model.cfg.quantizer.codebook_size
+    assert on_disk["speakers"] == [f"spk{i}" for i in range(model.cfg.decoder.n_speakers)]
+    wavenet = on_disk["geometry"]["wavenet"]
+    assert [x["dilation"] for x in wavenet] == model.cfg.decoder.dilations
+
+
+def test_onnx_encoder_codes_equal_pytorch_on_speech_at_two_batch_sizes(tiny):
+    model, out, _, _ = tiny
+    enc = session(out / "encoder.onnx")
+    clips = [clip("activated", 12000), clip("auth-incorrect", 12000), clip("agent-newlocation")]
+    for rows in (clips[:1], clips):
+        n = min(len(c) for c in rows)
+        left, right, _ = model.geometry.padding(n)
+        wave = torch.nn.functional.pad(
+            torch.from_numpy(np.stack([c[:n] for c in rows])), (left, right)
+        )
+        codes = enc.run(None, {"wave": wave.numpy()})[0]
+        ref = model.encode(wave).numpy()
+        assert codes.shape == ref.shape
+        differ = codes != ref
+        if differ.any():  # only at float32 distance ties
+            z = model.encoder(model.features(wave)).transpose(1, 2).double()
+            d = torch.cdist(z, model.quantizer.codebook.double()[None].expand(len(z), -1, -1)) ** 2
+            two = d.topk(2, largest=False).values
+            assert bool(((two[..., 1] - two[..., 0])[torch.from_numpy(differ)] < 1e-5).all())
+        assert differ.mean() < 0.01
+
+
+def test_conditioner_and_step_match_pytorch_to_1e4(tiny):
+    model, out, _, _ = tiny
+    step = DecoderStep(model.decoder).eval()
+    g = torch.Generator().manual_seed(5)
+    b, frames = 5, 9
+    codes = torch.randint(model.cfg.quantizer.codebook_size, (b, frames), generator=g)
+    speaker = torch.randint(model.cfg.decoder.n_speakers, (b,), generator=g)
+    cond = session(out / "conditioner.onnx").run(
+        None, {"codes": codes.numpy(), "speaker": speaker.numpy()}
+    )[0]
+    with torch.no_grad():
+        vecs = model.quantizer.codebook[codes].transpose(1, 2)
+        ref = model.decoder.condition(vecs, speaker) + step.gate_bias[None, :, None]
+    assert cond.shape == ref.shape == (b, step.n_layers * 2 * step.gate, frames - 2)
+    np.testing.assert_allclose(cond, ref.numpy(), atol=1e-4, rtol=0)
+
+    past = torch.randn(step.n_layers, b, step.residual_channels, generator=g)
+    args = (
+        torch.randint(256, (b,), generator=g),
+        past,
+        torch.from_numpy(cond[:, :, 3]),
+        torch.rand(b, generator=g),
+    )
+    names = ("prev", "past", "cond", "noise")
+    sample, logits, current = session(out / "decoder_step.onnx").run(
+        None, {k: v.numpy() for k, v in zip(names, args)}
+    )
+    with torch.no_grad():
+        ref = step(*args)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(current, ref.current.numpy(), atol=1e-4, rtol=0)
+    assert (sample == ref.sample.numpy()).all()
+
+
+def test_step_samples_by_inverse_cdf_of_the_softmax(tiny):
+    model, _, _, _ = tiny
+    step = DecoderStep(model.decoder).eval()
+    b = 20000
+    g = torch.Generator().manual_seed(1)
+    args = (
+        torch.full((b,), 100),
+        torch.zeros(step.n_layers, b, step.residual_channels),
+        torch.zeros(b, step.n_layers * 2 * step.gate),
+        torch.rand(b, generator=g),
+    )
+    with torch.no_grad():
+        out = step(*args)
+    cdf = torch.softmax(out.logits[0].double(), 0).cumsum(0)
+    c, u = out.sample, args[3].double()
+    # Each class is the first whose CDF reaches the noise ...
+    assert bool((cdf[c] >= u - 1e-6).all())
+    below = torch.where(c > 0, cdf[(c - 1).clamp(min=0)], torch.zeros_like(u))
+    assert bool((below <= u + 1e-6).all())
+    # ... so the draws follow the softmax (Kolmogorov-Smirnov, alpha ~ 1e-3).
+    empirical = torch.bincount(c, minlength=256).double().cumsum(0) / b
+    assert (empirical - cdf).abs().max() < 1.95 / b**0.5
+
+
+# --- incremental generation equals the parallel model ---------------------------------------------
+
+
+def run_incremental_torch(step: DecoderStep, cond: torch.Tensor, classes, tau0, n_steps, ci):
+    """Teacher-forced incremental PyTorch generation with per-layer ring buffers (lists)."""
+    b = 1
+    rings = [torch.zeros(size, b, step.residual_channels) for size in step.ring_sizes()]
+    logits = []
+    for s in range(n_steps):
+        past = torch.stack([ring[s % len(ring)] for ring in rings])  # x_i[tau - d_i]
+        c = cond[:, :, int(ci[s])]
+        out = step(classes[tau0 + s - 1].reshape(1), past, c, torch.zeros(b))
+        current = out.current.reshape(b, step.n_layers, -1)
+        for i, ring in enumerate(rings):
+            ring[s % len(ring)] = current[:, i]
+        logits.append(out.logits[0])
+    return torch.stack(logits)
+
+
+@pytest.fixture
+def one_thread():
+    """Per-step work is tiny: threads only add contention (10x slower on a loaded 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("config,n", [("tiny", 3000), ("small", 1100)])
+def test_incremental_pytorch_reproduces_parallel_logits(tmp_path, one_thread, config, n):
+    """Several thousand steps (with the warm-up over the receptive field): every ring
+    (dilations up to 4 in tiny, 512 in small) wraps more than twice."""
+    ckpt = make_checkpoint(tmp_path / "m.pt", config, seed=3)
+    model, _, _ = load_checkpoint(ckpt)
+    step = DecoderStep(model.decoder).eval()
+    assert n + model.geometry.wavenet_context > 2 * max(step.ring_sizes()) + 2000
+    wave = torch.from_numpy(clip("agent-newlocation")[8000 : 8000 + n])
+    ref, padded, left, _ = teacher_forced_reference(model, wave, speaker=2)
+    from model import mulaw
+
+    classes = mulaw.encode(padded, model.cfg.decoder.quantization_channels)
+    geo = model.geometry
+    ctx = geo.wavenet_context
+    tau0 = left - ctx
+    times = np.arange(tau0, left + n)
+    with torch.no_grad():
+        vecs = model.quantizer.codebook[model.encode(padded[None])].transpose(1, 2)
+        cond = step.condition(vecs, torch.tensor([2]))
+        ci = np.clip(geo.cond_index(times), 0, cond.shape[-1] - 1)
+        got = run_incremental_torch(step, cond, classes, tau0, ctx + n, ci)[ctx:]
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+# --- failure paths -------------------------------------------------------------------------------
+
+
+def test_verify_fails_loudly_when_graphs_differ_from_the_model(tiny):
+    model, out, _, ckpt = tiny
+    changed, _, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        changed.decoder.head[3].bias += 0.01  # the exported step no longer matches
+    with pytest.raises(ExportMismatch, match="step_logits"):
+        verify(changed, DecoderStep(changed.decoder), out)
+    verify(model, DecoderStep(model.decoder), out)  # the control: the original passes
+
+
+def test_cli_exports_int8_and_prints_its_quality(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(ckpt), "--out", str(out), "--int8", "--eval-samples", "1500"]
+    args += ["--notice", "random weights"]
+    assert export_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "int8 quality" in printed
+    meta = json.loads((out / "model.json").read_text())
+    q = meta["int8_quality"]
+    assert meta["notice"] == "random weights"
+    assert meta["files"]["decoder_step.int8.onnx"] == sha256(out / "decoder_step.int8.onnx")
+    assert q["samples"] == 3 * 1500 and abs(q["ce_increase"]) < 0.05
+    assert export_main(args) == 1  # no overwrite without --force
+    assert "--force" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert export_main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)]) == 1
+    assert "no checkpoint" in capsys.readouterr().err

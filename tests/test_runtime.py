@@ -1,0 +1,202 @@
+"""The torch-free engine: equal to PyTorch teacher-forced, chunked encoding equal to whole-file
+encoding, seeded decoding, input validation, and no torch anywhere in its imports."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import export_model, load_checkpoint
+from export.runtime import Codec, DecodeRequest, ModelDirError
+from tests.test_export import clip, make_checkpoint, teacher_forced_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _export(root: Path, config: str):
+    ckpt = make_checkpoint(root / f"{config}.pt", config, seed=7)
+    model, speakers, _ = load_checkpoint(ckpt)
+    export_model(model, speakers, root / config)
+    return model, root / config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("rt"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("rt"), "small")
+
+
+def tie_gaps(model, padded: np.ndarray) -> np.ndarray:
+    """Second-nearest minus nearest squared distance per frame (float64) ``[F]``."""
+    with torch.no_grad():
+        z = model.encoder(model.features(torch.from_numpy(padded)[None]))[0].T.double()
+        d = torch.cdist(z, model.quantizer.codebook.double()) ** 2
+        two = d.topk(2, largest=False).values
+    return (two[:, 1] - two[:, 0]).numpy()
+
+
+def test_runtime_and_its_imports_run_without_torch(tiny):
+    _, out = tiny
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import export.runtime as rt
+        codec = rt.Codec({str(out)!r})
+        x = 0.1 * np.sin(np.arange(6000) / 7.0).astype(np.float32)
+        codes = codec.encode(x, 16000, chunk_frames=5)
+        y = codec.decode(codes, speaker="spk1", seed=3, n_samples=len(x), segment=1500)
+        z = codec.resynthesize((x * 32767).astype(np.int16), 16000, speaker=0)
+        nll = codec.cross_entropy([x[:500]])
+        assert y.shape == x.shape == z.shape and np.isfinite(nll)
+        assert "torch" not in sys.modules, sorted(m for m in sys.modules if "torch" in m)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("config", ["tiny", "small"])
+def test_runtime_teacher_forced_matches_pytorch_logits(request, config):
+    """Thousands of incremental ONNX steps, ring buffers in numpy (small: dilation 512 wraps)."""
+    model, out = request.getfixturevalue(config)
+    n = 3000
+    wave = clip("auth-incorrect")[20000 : 20000 + n]
+    ref, _, _, _ = teacher_forced_reference(model, torch.from_numpy(wave), speaker=1)
+    got = Codec(out, workers=1).teacher_forced([wave], speaker=1)[0]
+    assert got.shape == tuple(ref.shape)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=0)
+
+
+def test_teacher_forced_streams_are_independent_of_their_batch(tiny):
+    """Two utterances of different lengths in one batch (different conditioning offsets and
+    ring rows) give what each gives alone."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    a, b = clip("activated", 2500), clip("agent-newlocation", 4100)
+    both = codec.teacher_forced([a, b], speaker=2)
+    for wave, got in zip((a, b), both):
+        alone = codec.teacher_forced([wave], speaker=2)[0]
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 4000, 17024, 45000])
+def test_chunked_encoding_equals_whole_file_encoding(tiny, n):
+    model, out = tiny
+    codec = Codec(out)
+    wave = np.concatenate([clip("activated"), clip("auth-incorrect")])[:n]
+    left, right, n_frames = codec.geometry.padding(n)
+    padded = np.pad(wave, (left, right))
+    whole = codec.encode(wave, chunk_frames=n_frames + 1, batch=1)
+    assert whole.shape == (n_frames,)
+    gaps = tie_gaps(model, padded)
+    with torch.no_grad():
+        ref = model.encode(torch.from_numpy(padded)[None])[0].numpy()
+    assert ((whole == ref) | (gaps < 1e-5)).all()
+    for chunk, batch in ((1, 1), (3, 2), (7, 4), (64, 3)):
+        codes = codec.encode(wave, chunk_frames=chunk, batch=batch)
+        assert codes.shape == whole.shape
+        assert ((codes == whole) | (gaps < 1e-5)).all(), (chunk, batch)
+
+
+def test_encode_mixes_down_and_resamples(tiny):
+    _, out = tiny
+    codec = Codec(out)
+    x = clip("activated", 8000)
+    stereo = np.stack([x, x], 1)
+    codes = codec.encode(stereo, 16000)
+    assert (codes == codec.encode(x)).all()
+    half = codec.encode(x[::2], 8000)  # 8 kHz input: resampled to the model's 16 kHz
+    assert half.shape == (codec.geometry.padding(8000)[2],)
+
+
+def test_same_seed_same_audio_and_another_seed_differs(tiny):
+    _, out = tiny
+    codec = Codec(out, workers=2)
+    codec.streams_per_worker = 2  # six segments over two worker threads
+    codes = codec.encode(clip("agent-newlocation", 12000))
+    one = codec.decode(codes, speaker=1, seed=11, n_samples=12000, segment=2000, overlap=200)
+    again = codec.decode(codes, speaker=1, seed=11, n_samples=12000, segment=2000, overlap=200)
+    other = codec.decode(codes, speaker=1, seed=12, n_samples=12000, segment=2000, overlap=200)
+    assert one.shape == (12000,) and one.dtype == np.float32
+    assert np.array_equal(one, again)
+    assert np.mean(one != other) > 0.5
+    assert np.isfinite(one).all() and np.abs(one).max() <= 1.0
+
+
+def test_decode_many_batches_requests_of_different_lengths(tiny):
+    _, out = tiny
+    codec = Codec(out)
+    reqs = [
+        DecodeRequest(codec.encode(clip("activated", n)), speaker=s, n_samples=n, seed=s)
+        for n, s in ((3000, 0), (9000, 2), (700, 1))
+    ]
+    waves = codec.decode_many(reqs, segment=2500, overlap=160)
+    assert [len(w) for w in waves] == [3000, 9000, 700]
+    assert all(np.isfinite(w).all() and np.abs(w).max() > 0 for w in waves)
+    seen = []
+    codec.decode(reqs[0].codes, n_samples=3000, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] > 3000
+
+
+def test_default_sample_count_is_the_most_the_codes_hold(tiny):
+    _, out = tiny
+    codec = Codec(out)
+    for n_frames in (5, 40, 333):
+        n = codec.max_samples(n_frames)
+        assert codec.geometry.padding(n)[2] == n_frames
+        assert codec.geometry.padding(n + 1)[2] > n_frames
+    codes = codec.encode(clip("activated", 5000))
+    assert len(codec.decode(codes, seed=0)) == codec.max_samples(len(codes))
+
+
+def test_decode_rejects_invalid_requests(tiny):
+    _, out = tiny
+    codec = Codec(out)
+    codes = codec.encode(clip("activated", 3000))
+    with pytest.raises(ValueError, match="codes must lie"):
+        codec.decode(np.full_like(codes, codec.codebook_size))
+    with pytest.raises(ValueError, match="do not encode"):
+        codec.decode(codes, n_samples=30000)
+    with pytest.raises(ValueError, match="unknown speaker"):
+        codec.decode(codes, speaker="nobody")
+    with pytest.raises(ValueError, match="1-D integer"):
+        codec.decode(codes.astype(np.float32))
+
+
+def test_codec_rejects_a_tampered_model_dir(tiny, tmp_path):
+    _, out = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / "conditioner.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "conditioner.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match="sha256"):
+        Codec(bad)
+    with pytest.raises(ModelDirError, match="missing decoder_step.int8.onnx"):
+        Codec(out, int8=True)
+    with pytest.raises(ModelDirError, match="no model.json"):
+        Codec(tmp_path)
+
+
+def test_resynthesize_returns_the_input_length_at_the_model_rate(tiny):
+    _, out = tiny
+    codec = Codec(out)
+    x = clip("activated", 4000)[::2]  # 2000 samples at 8 kHz
+    y = codec.resynthesize(x, 8000, speaker="spk2", seed=4)
+    assert y.shape == (4000,) and np.isfinite(y).all()
