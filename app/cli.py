@@ -1,0 +1,308 @@
+"""Encode speech to codes files, decode them, or resynthesise, for files and whole folders.
+
+    python -m app.cli encode speech.wav                      # -> speech.vqwc
+    python -m app.cli decode speech.vqwc --speaker June      # -> speech.decoded.wav
+    python -m app.cli resynth corpus/ -o out/ --speaker 2    # -> out/**/NAME.resynth.wav
+
+Runs on the onnxruntime engine (no torch); same checks and messages as the web app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+from tqdm import tqdm
+
+from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, InputError, ModelLoadError
+from export.audio import save_wav
+from export.codes_file import SUFFIX
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
+OUTPUT_SUFFIX = {"encode": SUFFIX, "decode": ".decoded.wav", "resynth": ".resynth.wav"}
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf")
+
+
+def _audio_suffixes() -> set[str]:
+    """Audio extensions searched for in folders (those of the list this libsndfile reads)."""
+    readable = {"." + ext.lower() for ext in sf.available_formats()} | {".aif", ".oga", ".opus"}
+    return {s for s in AUDIO_SUFFIXES if s in readable}
+
+
+EPILOG = f"""\
+outputs:
+  Each input INPUT.EXT gives INPUT{SUFFIX} (encode), INPUT.decoded.wav (decode) or
+  INPUT.resynth.wav (resynth), beside the input or, with -o DIR, under DIR (a folder's layout
+  is kept). With one input file, -o may also name the output file itself. An existing output
+  is never overwritten without --force. Folders are searched recursively for audio files
+  (encode, resynth: {{audio}})
+  or codes files (decode: {SUFFIX}); files named explicitly are tried whatever their extension.
+
+exit status:
+  {EXIT_OK}  every input was processed
+  {EXIT_FAILED}  some inputs failed (each is named on stderr; the others were processed)
+  {EXIT_USAGE}  usage error: bad options, no inputs found, two inputs with one output
+  {EXIT_MODEL}  the model directory cannot be loaded
+""".replace("{audio}", " ".join(sorted(_audio_suffixes())))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def get_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model directory")
+    common.add_argument(
+        "-o", "--out", default=None, help="output folder (or output file, for one input file)"
+    )
+    common.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    common.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help="longest audio accepted (and longest a codes file may decode to), seconds",
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    voice = argparse.ArgumentParser(add_help=False)
+    voice.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")
+
+    p = argparse.ArgumentParser(
+        prog="python -m app.cli",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{encode,decode,resynth}")
+    e = sub.add_parser(
+        "encode",
+        parents=[common],
+        help="audio -> codes files",
+        description="Encode audio files to codes files.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    e.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or folders")
+    e.add_argument(
+        "--speaker", default=None, help="default speaker stored in the file (name or index)"
+    )
+    d = sub.add_parser(
+        "decode",
+        parents=[common, voice],
+        help="codes files -> wav",
+        description="Decode codes files to 16-bit wav at the model's rate.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    d.add_argument("inputs", nargs="+", metavar="CODES", help="codes files or folders")
+    d.add_argument("--speaker", default=None, help="speaker (name or index; default: the file's)")
+    r = sub.add_parser(
+        "resynth",
+        parents=[common, voice],
+        help="audio -> audio in a speaker's voice",
+        description="Encode and decode audio files, in another speaker's voice if asked.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    r.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or folders")
+    r.add_argument("--speaker", default=None, help="target speaker (name or index; default 0)")
+    return p
+
+
+@dataclass
+class Job:
+    """One input and where its output goes."""
+
+    source: Path
+    output: Path
+
+
+class UsageError(Exception):
+    pass
+
+
+def find_inputs(paths: list[str], suffixes: set[str]) -> list[tuple[Path, Path]]:
+    """``(file, path relative to its output root)`` for every input; folders are searched
+    recursively for ``suffixes``, files and missing paths are kept as given (a missing one
+    fails later with its own message)."""
+    found = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(
+                f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+            )
+            if not files:
+                looked = ", ".join(sorted(suffixes))
+                raise UsageError(f"{arg}: no input files in this folder (looked for {looked})")
+            found += [(f, f.relative_to(path)) for f in files]
+        else:
+            found.append((path, Path(path.name)))
+    return found
+
+
+def output_name(rel: Path, suffix: str) -> Path:
+    return rel.with_name(rel.stem + suffix) if rel.suffix else rel.with_name(rel.name + suffix)
+
+
+def plan(inputs: list[str], command: str, out: str | None) -> list[Job]:
+    """Pair inputs with outputs (see the epilog); `UsageError` on a clash."""
+    suffixes = {SUFFIX} if command == "decode" else _audio_suffixes()
+    found = find_inputs(inputs, suffixes)
+    suffix = OUTPUT_SUFFIX[command]
+    single_file = len(found) == 1 and not Path(inputs[0]).is_dir()
+    jobs = []
+    for source, rel in found:
+        if out is None:
+            target = output_name(source, suffix)
+        elif single_file and not Path(out).is_dir() and not out.endswith(("/", os.sep)):
+            target = Path(out)
+        else:
+            target = Path(out) / output_name(rel, suffix)
+        jobs.append(Job(source, target))
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        key = os.path.abspath(job.output)
+        if key in seen:
+            raise UsageError(
+                f"{seen[key]} and {job.source} would both be written to {job.output}: "
+                "give them separate output folders"
+            )
+        if os.path.abspath(job.source) == key:
+            raise UsageError(f"{job.source}: the output would overwrite the input")
+        seen[key] = job.source
+    return jobs
+
+
+def write_atomically(target: Path, write: Callable[[Path], None], force: bool) -> None:
+    """Write via a temporary file in the same folder, so a failure leaves no partial output."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        if force:
+            os.replace(tmp, target)
+            return
+        try:
+            os.link(tmp, target)  # atomic, and fails if the target appeared meanwhile
+        except FileExistsError:
+            raise FileExistsError(f"{target}: exists (use --force to overwrite)") from None
+        except OSError:  # a file system without hard links: check, then rename
+            if target.exists():
+                raise FileExistsError(f"{target}: exists (use --force to overwrite)") from None
+            os.replace(tmp, target)
+        else:
+            os.unlink(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fail(message: str) -> None:
+    tqdm.write(f"error: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int:
+    failed = 0
+    bar = tqdm(jobs, desc=args.command, unit="file", disable=args.quiet, file=sys.stderr)
+    for job in bar:
+        bar.set_postfix_str(job.source.name)
+        if job.output.exists() and not args.force:
+            _fail(f"{job.output}: exists (use --force to overwrite); skipped {job.source}")
+            failed += 1
+            continue
+        try:
+            process(args, service, job)
+        except (ValueError, OSError) as e:  # InputError is a ValueError
+            msg = str(e)
+            _fail(msg if str(job.source) in msg else f"{job.source}: {msg}")
+            failed += 1
+            continue
+        except Exception as e:  # an engine failure on one input must not stop the others
+            _fail(f"{job.source}: internal error ({type(e).__name__}: {e})")
+            failed += 1
+            continue
+        print(f"{job.source} -> {job.output}", flush=True)
+    bar.close()
+    if failed:
+        print(f"{failed} of {len(jobs)} input(s) failed", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def process(args: argparse.Namespace, service: CodecService, job: Job) -> None:
+    if args.command == "encode":
+        enc = service.encode(str(job.source), args.speaker)
+        write_atomically(job.output, enc.codes.write, args.force)
+        return
+    if args.command == "decode":
+        cf = service.read_codes(str(job.source))
+        wave = _with_bar(args, job, lambda cb: service.decode(cf, args.speaker, args.seed, cb))
+    else:
+        wave = _with_bar(
+            args, job, lambda cb: service.resynthesize(str(job.source), args.speaker, args.seed, cb)
+        )[1]
+    write_atomically(job.output, lambda p: save_wav(p, wave, service.sample_rate), args.force)
+
+
+def _with_bar(args, job: Job, work):
+    """Run ``work(progress_callback)`` under a per-file generation progress bar."""
+    with tqdm(
+        total=1,
+        desc=f"  {job.source.name}",
+        unit="step",
+        leave=False,
+        disable=args.quiet,
+        file=sys.stderr,
+    ) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return work(progress)
+
+
+def main(argv=None) -> int:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        parser.error(f"--max-seconds must be a positive number, got {args.max_seconds}")
+    if getattr(args, "seed", 0) < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        jobs = plan(args.inputs, args.command, args.out)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        service = CodecService(args.model, max_seconds=args.max_seconds)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MODEL
+    if args.speaker is not None:
+        try:
+            service.speaker_index(args.speaker)
+        except InputError as e:
+            print(f"error: --speaker: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return run(args, service, jobs)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The Gradio Blocks app: Encode, Decode and Resynthesise tabs over one `CodecService`.
+
+Every handler turns a refusal (`InputError`) into ``gr.Error`` with the service's message, so the
+user sees what is wrong and the server goes on serving; an unexpected failure is logged with its
+traceback and reported as an internal error, never as a dead worker. Endpoints (for
+``gradio_client``): ``/encode``, ``/decode``, ``/resynthesize``.
+
+Decoding is shown with a progress bar, not streamed: the engine generates an utterance as folded
+segments in lockstep (`export.runtime`), so no prefix of the audio is final before the end.
+"""
+
+from __future__ import annotations
+
+import atexit
+import html
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from app.pictures import codes_image, spectrogram_image
+from app.service import CodecService, InputError, codes_name
+from export.audio import save_wav
+
+log = logging.getLogger(__name__)
+FROM_FILE = "(the file's speaker)"
+SCRATCH_MAX_AGE_S = 3600.0
+CACHE_MAX_AGE_S = 3600
+# Output players: the browser's own <audio controls> (keyboard accessible, plays any length at
+# once) rather than a drawn waveform; the spectrogram pictures show the signal.
+PLAYER = {"waveform_options": gr.WaveformOptions(show_recording_waveform=False)}
+
+
+class Scratch:
+    """A private temporary folder for the files handed to Gradio (codes, wavs, pictures).
+
+    Files older than ``max_age`` seconds are pruned on each new one (Gradio has its own copy by
+    then), and the folder is removed at exit."""
+
+    def __init__(self, max_age: float = SCRATCH_MAX_AGE_S):
+        self.root = Path(tempfile.mkdtemp(prefix="vqwavenet-app-"))
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        atexit.register(shutil.rmtree, self.root, True)
+
+    def path(self, name: str) -> Path:
+        """A fresh path ``<root>/<unique>/<name>`` (the name is what the user downloads)."""
+        self.prune()
+        folder = self.root / uuid.uuid4().hex
+        folder.mkdir()
+        return folder / name
+
+    def prune(self) -> None:
+        cutoff = time.time() - self.max_age
+        with self._lock:
+            for folder in self.root.iterdir():
+                try:
+                    if folder.stat().st_mtime < cutoff:
+                        shutil.rmtree(folder, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
+
+
+def _audio_out(service: CodecService, scratch: Scratch, wave: np.ndarray, name: str) -> str:
+    """A 16-bit wav of ``wave [n]`` for an output Audio component.
+
+    Outputs go to Gradio as files of ours, never as arrays: Gradio caches an array under the
+    hash of its content and writes it in place, so two requests with the same result (two
+    users encoding one file) race on one cache file and a download can come back truncated;
+    files are copied into the cache atomically."""
+    path = scratch.path(name)
+    save_wav(path, wave, service.sample_rate)
+    return str(path)
+
+
+def _image_out(scratch: Scratch, image: np.ndarray, name: str) -> str:
+    """A PNG of ``image [H, W, 3]`` uint8 for an output Image component (see `_audio_out`)."""
+    path = scratch.path(name)
+    Image.fromarray(image).save(path, format="PNG")
+    return str(path)
+
+
+def _fail(e: Exception, upload=None):
+    """Map an exception to the error the user sees (``upload``: a server-side path that is
+    shown by its file name only)."""
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, InputError):
+        message = str(e)
+        if isinstance(upload, str) and upload:
+            message = message.replace(upload, os.path.basename(upload))
+        return gr.Error(html.escape(message, quote=False), print_exception=False)
+    log.exception("unexpected failure")
+    message = f"internal error ({type(e).__name__}: {e}); the server keeps running"
+    return gr.Error(html.escape(message, quote=False))
+
+
+def _progress_callback(progress: gr.Progress, desc: str):
+    def update(done: int, total: int) -> None:
+        progress(done / max(total, 1), desc=desc)
+
+    return update
+
+
+def _summary(service: CodecService, enc, path: Path) -> str:
+    cf = enc.codes
+    size = path.stat().st_size
+    return (
+        f"- **duration**: {cf.duration:.2f} s ({cf.num_samples} samples at {cf.sample_rate} Hz)\n"
+        f"- **frames**: {cf.num_frames} ({service.frame_rate:g} per second)\n"
+        f"- **bitrate**: {service.bitrate:g} bit/s of codes ({service.bits_per_code:g} bits per "
+        f"frame); the file is {size} bytes, {8 * size / cf.duration:.0f} bit/s with its header\n"
+        f"- **default speaker**: {cf.speaker_name}"
+    )
+
+
+def build_demo(service: CodecService, *, scratch: Scratch | None = None) -> gr.Blocks:
+    """The app's Blocks, not launched and without a queue (`serve` does both)."""
+    scratch = scratch or Scratch()
+    speakers = service.speakers
+
+    def encode(audio, speaker):
+        try:
+            enc = service.encode(audio, speaker)
+            name = codes_name(os.path.basename(audio)) if isinstance(audio, str) else "codes.vqwc"
+            path = scratch.path(name)
+            enc.codes.write(path)
+            picture = codes_image(enc.codes.codes, enc.codes.codebook_size)
+            picture = _image_out(scratch, picture, Path(name).stem + ".codes.png")
+            return str(path), picture, _summary(service, enc, path), str(path)
+        except Exception as e:
+            raise _fail(e, audio) from None
+
+    def decode(codes_path, speaker, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        try:
+            cf = service.read_codes(codes_path)
+            choice = None if speaker in (None, FROM_FILE) else speaker
+            cb = _progress_callback(progress, "generating")
+            wave = service.decode(cf, choice, seed, cb)
+            return _audio_out(service, scratch, wave, Path(codes_path).stem + ".decoded.wav")
+        except Exception as e:
+            raise _fail(e, codes_path) from None
+
+    def resynthesize(audio, speaker, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        try:
+            cb = _progress_callback(progress, "generating")
+            enc, wave = service.resynthesize(audio, speaker, seed, cb)
+            sr = service.sample_rate
+            stem = Path(audio).stem if isinstance(audio, str) else "speech"
+            return (
+                _audio_out(service, scratch, enc.wave, f"{stem}.wav"),
+                _audio_out(service, scratch, wave, f"{stem}.resynth.wav"),
+                _image_out(scratch, spectrogram_image(enc.wave, sr), f"{stem}.png"),
+                _image_out(scratch, spectrogram_image(wave, sr), f"{stem}.resynth.png"),
+            )
+        except Exception as e:
+            raise _fail(e, audio) from None
+
+    limit = f"{service.max_seconds:g} s"
+    with gr.Blocks(
+        title="vqwavenet speech codec",
+        analytics_enabled=False,
+        delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S),  # uploads and results, hourly
+    ) as demo:
+        gr.Markdown(
+            "# vqwavenet speech codec\n"
+            f"Speech to {service.bitrate:g} bit/s of codes and back with a WaveNet decoder, in "
+            f"any of {len(speakers)} voices. Audio up to {limit}; any common format, rate and "
+            "channel count (mixed to mono, resampled to "
+            f"{service.sample_rate} Hz)."
+        )
+        if service.notice:
+            gr.Markdown(f"**Note:** {service.notice}", elem_id="model-notice")
+        with gr.Tabs():
+            with gr.Tab("Encode", id="encode"):
+                with gr.Row():
+                    with gr.Column():
+                        enc_audio = gr.Audio(
+                            sources=["upload", "microphone"],
+                            type="filepath",
+                            label=f"Speech (up to {limit})",
+                            elem_id="encode-audio",
+                        )
+                        enc_speaker = gr.Dropdown(
+                            speakers,
+                            value=speakers[0],
+                            label="Default speaker stored in the file",
+                        )
+                        enc_button = gr.Button("Encode", variant="primary", elem_id="encode-btn")
+                    with gr.Column():
+                        enc_file = gr.File(label="Codes file (.vqwc)", elem_id="encode-file")
+                        enc_info = gr.Markdown(elem_id="encode-info")
+                enc_picture = gr.Image(
+                    label="Code sequence (time ->, code index ^)", elem_id="encode-picture"
+                )
+            with gr.Tab("Decode", id="decode"):
+                with gr.Row():
+                    with gr.Column():
+                        dec_file = gr.File(label="Codes file (.vqwc)", elem_id="decode-file")
+                        dec_speaker = gr.Dropdown(
+                            [FROM_FILE, *speakers], value=FROM_FILE, label="Speaker"
+                        )
+                        dec_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                        dec_button = gr.Button("Decode", variant="primary", elem_id="decode-btn")
+                    with gr.Column():
+                        dec_audio = gr.Audio(
+                            label="Decoded speech", elem_id="decode-audio", **PLAYER
+                        )
+            with gr.Tab("Resynthesise", id="resynthesize"):
+                with gr.Row():
+                    with gr.Column():
+                        res_in = gr.Audio(
+                            sources=["upload", "microphone"],
+                            type="filepath",
+                            label=f"Speech (up to {limit})",
+                        )
+                        res_speaker = gr.Dropdown(
+                            speakers, value=speakers[0], label="Target speaker"
+                        )
+                        res_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                        res_button = gr.Button("Resynthesise", variant="primary")
+                with gr.Row():
+                    with gr.Column():
+                        res_orig = gr.Audio(
+                            label="Original (as encoded)", elem_id="resynth-original", **PLAYER
+                        )
+                        res_orig_spec = gr.Image(label="Original spectrogram")
+                    with gr.Column():
+                        res_out = gr.Audio(
+                            label="Resynthesised", elem_id="resynth-output", **PLAYER
+                        )
+                        res_out_spec = gr.Image(label="Resynthesised spectrogram")
+
+        enc_button.click(
+            encode,
+            [enc_audio, enc_speaker],
+            [enc_file, enc_picture, enc_info, dec_file],
+            api_name="encode",
+        )
+        dec_button.click(decode, [dec_file, dec_speaker, dec_seed], [dec_audio], api_name="decode")
+        res_button.click(
+            resynthesize,
+            [res_in, res_speaker, res_seed],
+            [res_orig, res_out, res_orig_spec, res_out_spec],
+            api_name="resynthesize",
+        )
+    return demo
+
+
+def serve(
+    service: CodecService,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    concurrency: int = 2,
+    queue_size: int = 64,
+    max_file_size: str | int | None = "50mb",
+    block: bool = True,
+    **launch_kwargs,
+) -> gr.Blocks:
+    """Build, queue and launch the app; ``block=False`` returns once it is serving (tests).
+
+    ``port=None`` lets Gradio pick a free port (``demo.local_url`` says which)."""
+    demo = build_demo(service)
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=max_file_size,
+        show_error=True,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        **launch_kwargs,
+    )
+    return demo

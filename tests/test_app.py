@@ -1,0 +1,223 @@
+"""The web app end to end through ``gradio_client`` on loopback: encode, decode, resynthesise,
+every bad input answered with a clear message while the server keeps serving, eight clients at
+once, and a served process that never imports torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app.__main__ import main as app_main
+from app.pictures import codes_image, spectrogram_image
+from export.codes_file import CodesFile
+from tests.conftest import APP_MAX_FILE_SIZE
+
+ROOT = Path(__file__).resolve().parent.parent
+# Gradio's queue calls pandas APIs that pandas 3 deprecates: its noise, not ours.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:'future.no_silent_downcasting' is deprecated", "ignore:The copy keyword is deprecated"
+)
+FROM_FILE = "(the file's speaker)"
+
+
+def client(url: str, tmp_path: Path) -> Client:
+    return Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
+
+
+def encode(c: Client, path, speaker="Allison"):
+    return c.predict(handle_file(str(path)), speaker, api_name="/encode")
+
+
+def decode(c: Client, path, speaker=FROM_FILE, seed=0):
+    return c.predict(handle_file(str(path)), speaker, seed, api_name="/decode")
+
+
+def assert_serves(c: Client, app_inputs) -> None:
+    """A good request after bad ones gets a good answer."""
+    codes_path = encode(c, app_inputs.clip)[0]
+    np.testing.assert_array_equal(CodesFile.read(codes_path).codes, app_inputs.clip_codes)
+
+
+def test_app_encode_decode_resynthesize_end_to_end(app_server, app_inputs, tmp_path):
+    url, service = app_server
+    c = client(url, tmp_path)
+    n = sf.info(app_inputs.clip).frames
+
+    codes_path, picture, summary, decode_input = encode(c, app_inputs.clip, "Carlo")
+    cf = CodesFile.read(codes_path, expected_model=service.model_ref)
+    np.testing.assert_array_equal(cf.codes, app_inputs.clip_codes)
+    assert Path(codes_path).name == "clip.vqwc" and cf.speaker_name == "Carlo"
+    assert Path(decode_input).read_bytes() == Path(codes_path).read_bytes()  # Decode tab filled
+    assert f"**frames**: {cf.num_frames} " in summary
+    assert f"{cf.duration:.2f} s" in summary and f"{service.bitrate:g} bit/s" in summary
+    assert Path(picture).stat().st_size > 0
+
+    wav_path = decode(c, codes_path)
+    wave, sr = sf.read(wav_path, dtype="int16")
+    assert sr == service.sample_rate and wave.shape == (n,) and np.any(wave)
+    again, _ = sf.read(decode(c, codes_path), dtype="int16")
+    np.testing.assert_array_equal(again, wave)  # seeded: reproducible
+    other, _ = sf.read(decode(c, codes_path, "IvrvoiceRU", 0), dtype="int16")
+    assert other.shape == (n,) and not np.array_equal(other, wave)  # another voice
+
+    original, resynth, spec_in, spec_out = c.predict(
+        handle_file(str(app_inputs.clip)), "IvrvoiceRU", 3, api_name="/resynthesize"
+    )
+    x, _ = sf.read(original, dtype="int16")
+    np.testing.assert_array_equal(x, sf.read(app_inputs.clip, dtype="int16")[0])
+    y, sr = sf.read(resynth, dtype="int16")
+    assert sr == service.sample_rate and y.shape == (n,)
+    assert Path(spec_in).stat().st_size > 0 and Path(spec_out).stat().st_size > 0
+
+
+def test_app_accepts_odd_but_valid_formats(app_server, app_inputs, tmp_path):
+    c = client(app_server[0], tmp_path)
+    for name, (path, lossless) in app_inputs.odd.items():
+        cf = CodesFile.read(encode(c, path)[0])
+        info = sf.info(path)
+        assert abs(cf.num_samples - round(info.frames * 16000 / info.samplerate)) <= 1, name
+        if lossless:
+            np.testing.assert_array_equal(cf.codes, app_inputs.clip_codes, err_msg=name)
+
+
+def test_app_reports_each_bad_audio_and_keeps_serving(app_server, app_inputs, tmp_path):
+    c = client(app_server[0], tmp_path)
+    for name, (path, phrase) in app_inputs.bad_audio.items():
+        for api in ("/encode", "/resynthesize"):
+            args = (handle_file(str(path)), "Allison") + ((0,) if api == "/resynthesize" else ())
+            with pytest.raises(AppError) as e:
+                c.predict(*args, api_name=api)
+            message = str(e.value)
+            assert phrase in message, (name, api, message)
+            assert "/tmp" not in message  # the server's upload path is not shown
+    with pytest.raises(AppError, match="no audio given"):
+        c.predict(None, "Allison", api_name="/encode")
+    assert_serves(c, app_inputs)
+
+
+def test_app_reports_each_bad_codes_file_and_keeps_serving(app_server, app_inputs, tmp_path):
+    c = client(app_server[0], tmp_path)
+    for name, (path, phrase) in app_inputs.bad_codes.items():
+        with pytest.raises(AppError) as e:
+            decode(c, path)
+        assert phrase in str(e.value), (name, str(e.value))
+    with pytest.raises(AppError, match="no codes file given"):
+        c.predict(None, FROM_FILE, 0, api_name="/decode")
+    with pytest.raises(AppError, match="seed|less than minimum"):
+        decode(c, app_inputs.codes, seed=-1)
+    assert_serves(c, app_inputs)
+
+
+def test_app_refuses_uploads_over_the_size_limit(app_server, app_inputs, tmp_path):
+    url, _ = app_server
+    big = tmp_path / "big.wav"
+    noise = np.random.default_rng(0).integers(-3000, 3000, APP_MAX_FILE_SIZE // 2 + 1000)
+    sf.write(big, noise.astype(np.int16), 16000)  # about 1.03 MiB
+    # The server itself refuses it (gradio_client would refuse before sending: bypass it).
+    with open(big, "rb") as f:
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.wav", f)}, timeout=60)
+    assert r.status_code == 413, (r.status_code, r.text[:500])
+    assert "size" in r.text.lower()
+    c = client(url, tmp_path)
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        encode(c, big)
+    assert_serves(c, app_inputs)
+
+
+def test_app_serves_eight_concurrent_clients(app_server, app_inputs, tmp_path):
+    url, _ = app_server
+    n = sf.info(app_inputs.clip).frames
+
+    def session(i: int):
+        c = client(url, tmp_path / f"client{i}")
+        codes_path = encode(c, app_inputs.clip, ["Allison", "Carlo"][i % 2])[0]
+        wave, _ = sf.read(decode(c, codes_path, seed=i), dtype="int16")
+        return CodesFile.read(codes_path).codes, wave
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(session, range(8)))
+    for codes, wave in results:
+        np.testing.assert_array_equal(codes, app_inputs.clip_codes)
+        assert wave.shape == (n,)
+
+
+def test_served_app_never_imports_torch(app_model_dir, app_inputs, tmp_path):
+    """Build, launch and use the app in a fresh process, then look at its sys.modules."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from gradio_client import Client, handle_file
+        from app.service import CodecService
+        from app.ui import serve
+        demo = serve(CodecService({str(app_model_dir)!r}), port=None, block=False)
+        c = Client(demo.local_url, verbose=False, download_files={str(tmp_path)!r})
+        codes = c.predict(handle_file({str(app_inputs.clip)!r}), "Allison", api_name="/encode")
+        c.predict(handle_file(codes[0]), "Carlo", 0, api_name="/decode")
+        c.predict(handle_file({str(app_inputs.clip)!r}), "Carlo", 0, api_name="/resynthesize")
+        torch = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        print("TORCH_MODULES", torch)
+        demo.close()
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TORCH_MODULES []" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_app_main_fails_clearly_without_a_model(tmp_path, capsys):
+    assert app_main(["--model", str(tmp_path / "none"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "no model" in err and "python -m export" in err
+    with pytest.raises(SystemExit) as e:
+        app_main(["--max-seconds", "0"])
+    assert e.value.code == 2
+
+
+def test_app_reports_an_engine_failure_and_keeps_serving(
+    app_server, app_inputs, tmp_path, monkeypatch
+):
+    url, service = app_server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated onnxruntime failure")
+
+    c = client(url, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(service.codec, "decode", broken)
+        with pytest.raises(AppError, match="internal error.*simulated onnxruntime failure"):
+            decode(c, app_inputs.codes)
+    wave, _ = sf.read(decode(c, app_inputs.codes), dtype="int16")
+    assert wave.shape == (sf.info(app_inputs.clip).frames,)
+
+
+def test_codes_picture_marks_each_frame_at_its_code():
+    codes = np.array([0, 15, 3, 3, 9])
+    image = codes_image(codes, 16, height=64)  # [64, W, 3], code 0 at the bottom
+    brightness = image.astype(float).sum(-1)  # [64, W]
+    width = image.shape[1]
+    for j, code in enumerate(codes):
+        column = brightness[:, int((j + 0.5) * width / len(codes))]
+        row = int(np.argmax(column))
+        assert (63 - row) // 4 == code  # 4 pixel rows per code, counted from the bottom
+
+
+def test_spectrogram_picture_shows_a_tone_at_its_frequency():
+    sr, hz = 16000, 2000
+    tone = 0.5 * np.sin(2 * np.pi * hz * np.arange(sr) / sr)
+    image = spectrogram_image(tone, sr, height=200)  # 0..8 kHz bottom to top
+    row = int(np.argmax(image.astype(float).sum(-1).mean(1)))
+    assert abs((199 - row) / 200 * sr / 2 - hz) < 100

@@ -1,0 +1,183 @@
+"""The file CLI (`python -m app.cli`): outputs, folders, bad inputs and the exit codes scripts
+rely on (0 ok, 1 some inputs failed, 2 usage error, 3 model unusable)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from app.cli import EXIT_FAILED, EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
+from export.codes_file import CodesFile
+from tests.conftest import APP_MAX_SECONDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(model_dir, *args) -> int:
+    return main([*args, "--model", str(model_dir), "--max-seconds", str(APP_MAX_SECONDS), "-q"])
+
+
+def test_cli_encode_decode_resynth_round_trip(app_model_dir, app_inputs, tmp_path, capsys):
+    clip = shutil.copy(app_inputs.clip, tmp_path / "speech.wav")
+    n = sf.info(clip).frames
+
+    assert cli(app_model_dir, "encode", str(clip), "--speaker", "Carlo") == EXIT_OK
+    cf = CodesFile.read(tmp_path / "speech.vqwc")
+    assert cf.speaker_name == "Carlo" and cf.num_samples == n
+    np.testing.assert_array_equal(cf.codes, app_inputs.clip_codes)
+
+    assert cli(app_model_dir, "decode", str(tmp_path / "speech.vqwc")) == EXIT_OK
+    wave, sr = sf.read(tmp_path / "speech.decoded.wav", dtype="int16")
+    assert sr == 16000 and wave.shape == (n,) and np.any(wave)
+
+    out = tmp_path / "voice.wav"
+    assert cli(app_model_dir, "resynth", str(clip), "--speaker", "2", "-o", str(out)) == EXIT_OK
+    resynth, sr = sf.read(out, dtype="int16")
+    assert sr == 16000 and resynth.shape == (n,)
+    assert f"{clip} -> {out}" in capsys.readouterr().out
+
+
+def test_cli_decode_is_reproducible_per_seed(app_model_dir, app_inputs, tmp_path):
+    waves = []
+    for name, seed in (("a.wav", "7"), ("b.wav", "7"), ("c.wav", "8")):
+        out = tmp_path / name
+        assert (
+            cli(app_model_dir, "decode", str(app_inputs.codes), "--seed", seed, "-o", str(out)) == 0
+        )
+        waves.append(sf.read(out, dtype="int16")[0])
+    np.testing.assert_array_equal(waves[0], waves[1])
+    assert not np.array_equal(waves[0], waves[2])
+
+
+def test_cli_encodes_a_folder_of_odd_but_valid_formats(app_model_dir, app_inputs, tmp_path):
+    folder = next(iter(app_inputs.odd.values()))[0].parent
+    out = tmp_path / "codes"
+    assert cli(app_model_dir, "encode", str(folder), "-o", str(out)) == EXIT_OK
+    for name, (path, lossless) in app_inputs.odd.items():
+        cf = CodesFile.read(out / (path.stem + ".vqwc"))
+        info = sf.info(path)
+        expected = round(info.frames * 16000 / info.samplerate)
+        assert abs(cf.num_samples - expected) <= 1, name
+        if lossless:  # the same samples as the int16 clip: the same codes
+            np.testing.assert_array_equal(cf.codes, app_inputs.clip_codes, err_msg=name)
+
+
+def test_cli_names_every_bad_audio_file_and_processes_the_rest(
+    app_model_dir, app_inputs, tmp_path, capsys
+):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path, _ in app_inputs.bad_audio.values():
+        shutil.copy(path, folder / path.name)
+    shutil.copy(app_inputs.clip, folder / "good.wav")
+    out = tmp_path / "out"
+    assert cli(app_model_dir, "encode", str(folder), "-o", str(out)) == EXIT_FAILED
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == len(app_inputs.bad_audio)
+    for name, (_, phrase) in app_inputs.bad_audio.items():
+        line = next(x for x in lines if name in x)
+        assert phrase in line, line
+    assert f"{len(app_inputs.bad_audio)} of {len(app_inputs.bad_audio) + 1} input(s) failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["good.vqwc"]  # no partial outputs
+
+
+def test_cli_resynth_rejects_bad_audio(app_model_dir, app_inputs, tmp_path, capsys):
+    path, phrase = app_inputs.bad_audio["silence.wav"]
+    out = tmp_path / "x.wav"
+    assert cli(app_model_dir, "resynth", str(path), "-o", str(out)) == EXIT_FAILED
+    assert phrase in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "truncated.vqwc",
+        "empty.vqwc",
+        "garbage.vqwc",
+        "wav.vqwc",
+        "foreign.vqwc",
+        "other_hash.vqwc",
+        "out_of_range.vqwc",
+        "inconsistent.vqwc",
+        "too_long.vqwc",
+        "bad_speaker.vqwc",
+    ],
+)
+def test_cli_decode_rejects_bad_codes_file(app_model_dir, app_inputs, tmp_path, capsys, name):
+    path, phrase = app_inputs.bad_codes[name]
+    out = tmp_path / "out.wav"
+    assert cli(app_model_dir, "decode", str(path), "-o", str(out)) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert phrase in err and name in err, err
+    assert not out.exists()
+
+
+def test_cli_never_overwrites_without_force(app_model_dir, app_inputs, tmp_path, capsys):
+    target = tmp_path / "clip.vqwc"
+    target.write_bytes(b"precious")
+    assert cli(app_model_dir, "encode", str(app_inputs.clip), "-o", str(target)) == EXIT_FAILED
+    assert "--force" in capsys.readouterr().err
+    assert target.read_bytes() == b"precious"
+    args = ("encode", str(app_inputs.clip), "-o", str(target), "--force")
+    assert cli(app_model_dir, *args) == EXIT_OK
+    assert CodesFile.read(target).num_samples == sf.info(app_inputs.clip).frames
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.vqwc"]  # no temporary left behind
+
+
+def test_cli_usage_errors_exit_2(app_model_dir, app_inputs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(app_model_dir, "encode", str(empty)) == EXIT_USAGE
+    assert "no input files" in capsys.readouterr().err
+    assert cli(app_model_dir, "encode", str(app_inputs.clip), "--speaker", "Nobody") == EXIT_USAGE
+    assert "unknown speaker" in capsys.readouterr().err
+    for sub in ("a", "b"):  # two inputs, one output name
+        (tmp_path / sub).mkdir()
+        shutil.copy(app_inputs.clip, tmp_path / sub / "x.wav")
+    args = ("encode", str(tmp_path / "a" / "x.wav"), str(tmp_path / "b" / "x.wav"))
+    assert cli(app_model_dir, *args, "-o", str(tmp_path / "out")) == EXIT_USAGE
+    assert "would both be written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["transmogrify", "x.wav"])
+    assert e.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as e:
+        cli(app_model_dir, "decode", str(app_inputs.codes), "--seed", "-1")
+    assert e.value.code == EXIT_USAGE
+
+
+def test_cli_missing_input_fails_but_others_run(app_model_dir, app_inputs, tmp_path, capsys):
+    missing = tmp_path / "missing.wav"
+    args = ("encode", str(missing), str(app_inputs.clip), "-o", str(tmp_path / "out"))
+    assert cli(app_model_dir, *args) == EXIT_FAILED
+    assert "no such file" in capsys.readouterr().err
+    assert (tmp_path / "out" / "clip.vqwc").is_file()
+
+
+def test_cli_unusable_model_exits_3(app_inputs, tmp_path, capsys):
+    assert cli(tmp_path / "nothing", "encode", str(app_inputs.clip)) == EXIT_MODEL
+    assert "no model" in capsys.readouterr().err
+
+
+def test_cli_process_exit_codes_and_help(app_model_dir, app_inputs, tmp_path):
+    """The real process, as a script sees it: documented exit codes, status on stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-m", "app.cli"]
+    help_text = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env)
+    assert help_text.returncode == 0
+    for line in ("0  every input", "1  some inputs failed", "2  usage error", "3  the model"):
+        assert line in help_text.stdout
+    bad = app_inputs.bad_audio["not_audio.wav"][0]
+    args = ["encode", str(bad), "--model", str(app_model_dir), "-o", str(tmp_path / "x.vqwc")]
+    proc = subprocess.run([*run, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == EXIT_FAILED
+    assert "not audio" in proc.stderr and proc.stdout == ""
+    assert "torch" not in proc.stderr
