@@ -2,17 +2,47 @@
 
 Conditioning is projected for every layer at once at the slot rate (50 Hz) and gathered per
 sample, 320x cheaper than projecting an upsampled full-rate tensor; the gather is the
-upsampling-by-repetition of DESIGN.md. The last layer has no residual projection (its output
-would be unused, and every parameter must receive gradient for DDP).
+upsampling-by-repetition of DESIGN.md (on CPU its backward sums runs of equal indices with
+``segment_reduce``, several times faster than the gather's own ``scatter_add``). The last
+layer has no residual projection (its output would be unused, and every parameter must receive
+gradient for DDP).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from model.config import DecoderConfig
 from model.geometry import Conv, Upsample
+
+
+class _RepeatByIndex(torch.autograd.Function):
+    """``c [B, K, C]`` gathered along time by ``index [B, T]`` (non-decreasing in every row).
+
+    The forward is ``torch.gather``; the backward sums each run of equal indices with
+    ``segment_reduce``, in the same order as the gather's ``scatter_add`` but without its
+    per-element scatter (about 3x faster on CPU for the decoder's shapes).
+    """
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_cols = c.shape[-1]
+        return c.gather(2, index[:, None, :].expand(-1, c.shape[1], -1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        rows = []
+        for g, idx in zip(grad, index):
+            lengths = torch.bincount(idx, minlength=ctx.n_cols).expand(g.shape[0], -1)
+            rows.append(
+                torch.segment_reduce(g.contiguous(), "sum", lengths=lengths.contiguous(), axis=1)
+            )
+        return torch.stack(rows), None
 
 
 class WaveNetDecoder(nn.Module):
@@ -76,12 +106,22 @@ class WaveNetDecoder(nn.Module):
         n_out = inputs.shape[1] - sum((self.cfg.kernel_size - 1) * d for d in self.dilations)
         if n_out < 1:
             raise ValueError(f"the decoder needs more than {inputs.shape[1]} input samples")
+        # The segment-sum backward needs runs of equal indices (true of repetition; checked).
+        runs = (
+            cond.requires_grad
+            and torch.is_grad_enabled()
+            and cond.device.type == "cpu"
+            and bool((cond_index[:, 1:] >= cond_index[:, :-1]).all())
+        )
         skips = 0
         for i, conv in enumerate(self.dilated):
             h = conv(x)  # [B, 2G, T_i]
             idx = cond_index[:, cond_index.shape[1] - h.shape[-1] :]
             c = cond[:, i * 2 * g : (i + 1) * 2 * g]
-            h = h + torch.gather(c, 2, idx[:, None, :].expand(-1, 2 * g, -1))
+            if runs:
+                h = h + _RepeatByIndex.apply(c, idx)
+            else:
+                h = h + torch.gather(c, 2, idx[:, None, :].expand(-1, 2 * g, -1))
             a, b = h.chunk(2, dim=1)
             z = torch.tanh(a) * torch.sigmoid(b)  # [B, G, T_i]
             skips = skips + self.skip[i](z[..., z.shape[-1] - n_out :])
