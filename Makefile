@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := espeak-ng chromium
+APT_PACKAGES := chromium asterisk-core-sounds-en-g722
 
 .PHONY: app test lint format system data clean
 
@@ -13,7 +13,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-# Debian packages the tests use (browser tests, synthetic speech). Root on CI machines.
+# Debian packages the tests use (browser tests, a real-speech corpus check). Root on CI.
 system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
