@@ -1,0 +1,92 @@
+"""Proof obligations of DESIGN.md: batched gradients equal the mean of per-prediction gradients.
+
+Every comparison is float64 against a brute force that runs each prediction in its own pass
+over its own minimal window. The negative controls run the identical comparison and must fail,
+which shows the comparison can tell a wrong loss from ours.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.config import load_model_config
+from training.invariance import (
+    CONTROL_FLOOR,
+    TOLERANCE,
+    Case,
+    cases_for,
+    main,
+    must_fail,
+    prepare,
+    run_case,
+)
+
+CONTROLS = ("naive", "window_jitter", "window_framing")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return prepare(load_model_config("tiny"), width=8, jitter=0.5)
+
+
+TINY_HOP = 16
+TINY_CASES = cases_for(TINY_HOP)
+
+
+def _id(case: Case) -> str:
+    return f"N{case.n}-phase{case.phase}-jitter{'on' if case.jitter else 'off'}"
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=_id)
+def test_batched_gradient_equals_mean_of_per_prediction_gradients(tiny, case):
+    """Every parameter and the EMA statistics, batch of 3 masked utterances, 1/2/3 micro-batches."""
+    controls = tuple(c for c in CONTROLS if must_fail(case, TINY_HOP, c))
+    errors = run_case(tiny, case, methods=("ours", *controls), splits=(1, 2, 3))
+    for key in ("ours", "ours/split2", "ours/split3"):
+        assert errors[key] <= TOLERANCE, (key, errors)
+    for control in controls:
+        assert errors[control] > CONTROL_FLOOR, (control, errors)
+
+
+def test_naive_loss_coincides_with_ours_for_single_predictions_without_jitter(tiny):
+    errors = run_case(tiny, Case(1, 3, False), methods=("ours", "naive"))
+    assert errors["naive"] <= TOLERANCE
+
+
+def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances():
+    cfg = load_model_config("tiny")
+    cfg.quantizer.codebook_update = "gradient"
+    cfg.quantizer.commitment_reduction = "sum"
+    model = prepare(cfg, width=8, jitter=0.5)
+    assert isinstance(model.quantizer.codebook, torch.nn.Parameter)
+    for case in (Case(17, 1, True), Case(55, 8, True)):
+        errors = run_case(model, case, methods=("ours", "naive"), splits=(1, 3))
+        assert errors["ours"] <= TOLERANCE and errors["ours/split3"] <= TOLERANCE, errors
+        assert errors["naive"] > CONTROL_FLOOR, errors
+
+
+def test_real_geometry_long_window_with_jitter():
+    """The 320-sample stride and 2047-sample receptive field, N = 700, channels narrowed."""
+    model = prepare(load_model_config("default"), width=8, jitter=0.5)
+    assert model.geometry.hop == 320 and model.geometry.ar_context == 2047
+    errors = run_case(model, Case(700, 160, True), methods=("ours",))
+    assert errors["ours"] <= TOLERANCE, errors
+
+
+def test_invariance_command_prints_table_and_exits_zero(capsys):
+    assert main(["--config", "tiny", "--n", "1", "17", "--phases", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "naive" in out
+    rows = [line for line in out.splitlines() if not line.startswith("#") and "phase" not in line]
+    assert len(rows) == 4  # N in {1, 17} x jitter off/on at one phase
+
+
+def test_invariance_command_fails_when_ours_is_broken(monkeypatch, capsys):
+    """Swap our loss for the naive one: the command must notice and exit non-zero."""
+    from training import invariance
+
+    broken = dataclasses.replace(invariance.METHODS["ours"], loss=invariance.naive_loss)
+    monkeypatch.setitem(invariance.METHODS, "ours", broken)
+    assert main(["--config", "tiny", "--n", "17", "--phases", "1", "--no-controls"]) == 1
+    assert "FAIL" in capsys.readouterr().out

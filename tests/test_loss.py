@@ -1,0 +1,120 @@
+"""The commitment weights autograd gives each frame, against DESIGN.md's closed formula."""
+
+import pytest
+import torch
+
+from model.config import load_model_config
+from model.jitter import slot_frames
+from training.invariance import prepare, synth_utterance
+from training.loss import batch_loss
+from training.windows import Utterance, WindowSpec, make_batch
+
+
+@pytest.fixture(scope="module")
+def batch():
+    model = prepare(load_model_config("tiny"), width=8, jitter=0.5)
+    geo = model.geometry
+    utts = [
+        Utterance.prepare(synth_utterance(n, seed=n), geo, utt=5 + i, speaker=i)
+        for i, n in enumerate((400, 150, 260))
+    ]
+    specs = [WindowSpec(0, utts[0].first + 37, 90), WindowSpec(1, utts[1].first + 9, 90)]
+    specs.append(WindowSpec(2, utts[2].first, 61))
+    wave, win, n = make_batch(geo, utts, specs, seed=7, epoch=2)
+    return model, utts, specs, wave, win, n
+
+
+def closed_form_weights(model, win, n_pred, shape, count):
+    """dL/dd[j] = (beta / count) * sum over predictions t of mult_j(Z(t)) / |Z(t)|."""
+    geo, beta = model.geometry, model.cfg.quantizer.beta
+    w = torch.zeros(shape, dtype=torch.float64)
+    for b in range(shape[0]):
+        for t in range(int(win.t0[b]), int(win.t0[b] + win.n_valid[b])):
+            lo, hi = (int(v) for v in geo.slot_range(t))
+            k = torch.arange(lo, hi + 1)[None]
+            frames = slot_frames(
+                k,
+                win.n_frames[b : b + 1],
+                p=model.cfg.decoder.jitter_probability,
+                seed=win.seed,
+                epoch=win.epoch,
+                utt=win.utt[b : b + 1],
+            )[0]
+            for f in frames.tolist():
+                w[b, f - int(win.frame0[b])] += beta / count / (hi - lo + 1)
+    return w
+
+
+def test_commitment_weights_equal_closed_formula_and_feed_the_ema(batch):
+    model, _, _, wave, win, n = batch
+    q = model.quantizer
+    q.step_count.zero_()
+    q.step_sum.zero_()
+    model.zero_grad()
+    out = model(wave, win, n)
+    d = out.quantizer.commitment
+    d.retain_grad()
+    count = int(out.mask.sum())
+    batch_loss(out, model.cfg.quantizer.beta, count).loss.backward()
+
+    expected = closed_form_weights(model, win, n, d.shape, count)
+    assert torch.allclose(d.grad, expected, rtol=1e-12, atol=1e-15)
+    # Frames beyond a short utterance's end, or outside every slot range, weigh nothing.
+    assert (expected == 0).any() and (expected > 0).any()
+    # The weights of one optimiser step sum to beta; the EMA sees them divided by beta.
+    assert d.grad.sum().item() == pytest.approx(model.cfg.quantizer.beta, rel=1e-12)
+    codes = out.quantizer.codes.reshape(-1)
+    usage = torch.zeros_like(q.step_count).index_add_(0, codes, expected.reshape(-1))
+    assert torch.allclose(q.step_count, usage / model.cfg.quantizer.beta, rtol=1e-12)
+    assert q.step_count.sum().item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_batch_loss_is_mean_of_per_prediction_losses(batch):
+    model, utts, specs, wave, win, n = batch
+    beta = model.cfg.quantizer.beta
+    with torch.no_grad():
+        batched = batch_loss(model(wave, win, n), beta).loss.item()
+        singles = []
+        for spec in specs:
+            end = min(spec.t0 + spec.n, utts[spec.index].end)
+            for t in range(spec.t0, end):
+                w1, win1, n1 = make_batch(
+                    model.geometry, utts, [WindowSpec(spec.index, t, 1)], seed=7, epoch=2
+                )
+                singles.append(batch_loss(model(w1, win1, n1), beta).loss.item())
+    assert batched == pytest.approx(sum(singles) / len(singles), rel=1e-12)
+
+
+def test_ema_update_moves_codes_to_usage_weighted_means(batch):
+    model, _, _, wave, win, n = batch
+    q = model.quantizer
+    q.step_count.zero_()
+    q.step_sum.zero_()
+    before = q.codebook.clone()
+    out = model(wave, win, n)
+    batch_loss(out, model.cfg.quantizer.beta).loss.backward()
+    counts, sums = q.step_count.clone(), q.step_sum.clone()
+    ema_count, ema_sum = q.ema_count.clone(), q.ema_sum.clone()
+    q.ema_update()
+    decay, floor = q.cfg.ema_decay, q.cfg.dead_code_threshold
+    want_count = decay * ema_count + (1 - decay) * counts
+    alive = want_count >= floor
+    assert alive.any() and (~alive).any(), "this batch must exercise both paths"
+    assert torch.allclose(q.ema_count[alive], want_count[alive])
+    assert torch.allclose(q.ema_sum[alive], (decay * ema_sum + (1 - decay) * sums)[alive])
+    # Dead codes restart on encoder outputs of frames that predictions used.
+    z = model.encoder(model.features(wave)).transpose(1, 2).reshape(-1, q.cfg.dim).detach()
+    for row in q.codebook[~alive]:
+        assert torch.isclose(z, row[None]).all(1).any()
+    assert torch.allclose(q.ema_count[~alive], torch.full_like(q.ema_count[~alive], floor))
+    assert not torch.equal(q.codebook, before)
+    assert q.step_count.abs().sum() == 0, "step statistics are reset after the update"
+    assert 1.0 <= q.perplexity.item() <= q.cfg.codebook_size
+    assert q.codes_used.item() == int((counts > 0).sum())
+
+
+def test_window_shorter_than_receptive_field_names_the_minimum(batch):
+    model, _, _, wave, win, n = batch
+    need = model.geometry.min_window_samples(1)
+    with pytest.raises(ValueError, match=str(need)):
+        model(wave[:, : model.geometry.encoder_rf - 1], win, n)
