@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.runtime import file_sha256 as sha256
 from model.autoencoder import Autoencoder
 from model.config import ModelConfig, from_dict, to_dict
 from model.decoder_step import DecoderStep
@@ -114,14 +115,6 @@ def geometry_spec(geo: CodecGeometry) -> dict:
         "wavenet": [layer_spec(x) for x in geo.wavenet],
         "ar_input": layer_spec(geo.ar_input),
     }
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- export --------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def mulaw_decode(c: np.ndarray, q: int = 256) -> np.ndarray:
     return (np.sign(y) * ((1 + mu) ** np.abs(y) - 1) / mu).astype(np.float32)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (model.json records one per graph)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -161,7 +162,7 @@ class Codec:
             path = self.dir / name
             if name not in meta["files"] or not path.is_file():
                 raise ModelDirError(f"{self.dir}: missing {name}")
-            if check_hashes and _sha256(path) != meta["files"][name]:
+            if check_hashes and file_sha256(path) != meta["files"][name]:
                 raise ModelDirError(f"{path}: sha256 differs from model.json (corrupt or edited)")
         cores = os.cpu_count() or 1
         self.workers = max(1, workers if workers is not None else min(2, cores))
