@@ -13,12 +13,16 @@ Decoding is incremental: one `decoder_step.onnx` call per sample for a batch of 
 per-layer ring buffers of past layer inputs in numpy. A long utterance is folded into segments
 generated side by side as one batch and cross-faded over ``overlap`` samples; each segment
 starts from silence (its rings are warmed on ``wavenet_context`` zero-input steps, exactly as
-the first segment starts from the utterance's zero padding). Several requests share the batch.
-Streams are split between up to ``workers`` threads, each calling onnxruntime with one intra-op
-thread (see `Codec` for when a second worker pays). Sampling noise comes from
-``numpy.random.default_rng([seed, segment])`` per stream, so a call is reproducible for a seed
-(bit-identical for the same requests and settings; batching a file with others changes the
-batch shape of the matrix products, which may change the last bits and so the draw).
+the first segment starts from the utterance's zero padding). Several requests share the batch,
+and the segment length adapts to it (`Codec.auto_segment`): enough rows to keep the matrix
+products efficient, never segments so short that joins dominate. Streams are split between up
+to ``workers`` threads, each calling onnxruntime with one intra-op thread (see `Codec` for when
+a second worker pays); a worker runs at most `Codec.max_rows` rows and a row that finishes its
+stream takes the next from the worker's queue. `Codec.decode_stream` yields the audio as it
+becomes final. Sampling noise comes from ``numpy.random.default_rng([seed, segment])`` per
+stream, so a call is reproducible for a seed (bit-identical for the same requests and settings;
+batching a file with others changes the batch shape of the matrix products, which may change
+the last bits and so the draw).
 
 Only ``model.geometry`` (pure numpy) is imported from the model package, to rebuild the codec's
 geometry from the layer specs in ``model.json``.
@@ -32,7 +36,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,14 +121,39 @@ class _Stream:
     targets: np.ndarray | None = None  # [length] classes whose NLL to return
 
 
+class _Live:
+    """What the workers publish while they run, for `Codec.decode_stream`: finished streams'
+    outputs, running streams' output rows with their produced counts, and the work done."""
+
+    def __init__(self, n_streams: int):
+        self.lock = threading.Lock()
+        self.results: list[np.ndarray | None] = [None] * n_streams
+        self.partial: list[tuple[np.ndarray, int] | None] = [None] * n_streams
+        self.done: list[int] = []
+        self.total = 1
+
+    def produced(self, i: int) -> int:
+        if self.results[i] is not None:
+            return len(self.results[i])
+        return self.partial[i][1] if self.partial[i] is not None else 0
+
+    def view(self, i: int) -> np.ndarray:
+        if self.results[i] is not None:
+            return self.results[i]
+        return self.partial[i][0] if self.partial[i] is not None else np.zeros(0, np.int64)
+
+
 class Codec:
     """A loaded model directory (see `export.onnx_export`).
 
     Thread layout: each worker thread runs its own batch of streams with one intra-op thread.
-    A second worker only pays when each gets at least `streams_per_worker` streams: below that
-    a step is dominated by per-operator overhead and costs about the same for twice the rows,
-    so one worker with the whole batch was faster in every case measured on the shared 2-core
-    machine (``benchmarks/generation.py``, ``onnx_folded_1w`` against ``_2w``).
+    Below about 8 rows a step is dominated by per-operator overhead (it costs about the same
+    for twice the rows), so a second worker starts only when each gets `streams_per_worker`
+    streams; from 8 each, two workers beat one on the idle 2-core machine
+    (``benchmarks/generation.py``, ``onnx_folded_1w`` against ``_2w``). A step's throughput
+    keeps rising up to about 64 rows per worker (``small``; 128 for ``default``), so
+    `decode_many` cuts segments to give each worker `target_streams` rows when the batch holds
+    enough audio, never shorter than `min_segment`.
 
     Args:
         model_dir: directory with ``model.json`` and the graphs.
@@ -134,7 +163,9 @@ class Codec:
         check_hashes: verify every file against ``model.json``'s sha256.
     """
 
-    streams_per_worker: int = 16
+    streams_per_worker: int = 8
+    target_streams: int = 64
+    max_rows: int = 128  # per worker; more streams wait in its queue
 
     def __init__(
         self,
@@ -306,7 +337,7 @@ class Codec:
 
         Args:
             progress: called with (steps done, total steps) from the calling thread.
-            segment: samples per folded segment (default `default_segment`); a segment at least
+            segment: samples per folded segment (default `auto_segment`); a segment at least
                 as long as the utterance disables folding.
             overlap: cross-fade samples between segments (default one hop).
         """
@@ -314,9 +345,15 @@ class Codec:
         return self.decode_many([req], progress=progress, segment=segment, overlap=overlap)[0]
 
     @property
-    def default_segment(self) -> int:
-        """Long enough that the warm-up (``wavenet_context`` steps per segment) stays cheap."""
+    def min_segment(self) -> int:
+        """Shortest automatic segment: each costs ``wavenet_context`` warm-up steps and one
+        cross-fade, so shorter ones would spend more on joins than on audio."""
         return max(4 * self.context, self.sample_rate // 2)
+
+    def auto_segment(self, total_samples: int) -> int:
+        """Segment length that gives every worker `target_streams` rows for ``total_samples``
+        of audio in one batch, but no shorter than `min_segment`."""
+        return max(self.min_segment, -(-total_samples // (self.workers * self.target_streams)))
 
     def decode_many(
         self,
@@ -327,14 +364,79 @@ class Codec:
         overlap: int | None = None,
     ) -> list[np.ndarray]:
         """Decode several utterances as one batch of folded segments (see the module doc)."""
-        segment = segment or self.default_segment
+        streams, cond, plans = self._plan(requests, segment, overlap)
+        results = self._run(streams, cond, progress)
+        return [
+            self._compose(bounds, overlap, results[first : first + len(bounds)], 0, n)
+            for n, bounds, overlap, first in plans
+        ]
+
+    def decode_stream(
+        self,
+        codes: np.ndarray,
+        speaker: int | str = 0,
+        seed: int = 0,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        n_samples: int | None = None,
+        segment: int | None = None,
+        overlap: int | None = None,
+        interval: float = 0.25,
+    ) -> Iterator[np.ndarray]:
+        """`decode`, yielding the waveform in consecutive chunks as soon as they are final.
+
+        The schedule is `decode`'s (so the chunks concatenate to exactly its output): the
+        first segment's samples become final as they are generated, later segments as they
+        finish (workers take segments in order, so long files arrive a batch of segments at a
+        time). The final prefix is polled every ``interval`` seconds and yielded when it grew.
+        """
+        req = DecodeRequest(codes, speaker, n_samples, seed)
+        streams, cond, plans = self._plan([req], segment, overlap)
+        ((n, bounds, overlap, _),) = plans
+        live = _Live(len(streams))
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._run(streams, cond, None, live=live)
+            except BaseException as e:  # re-raised by the generator
+                failure.append(e)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        emitted = 0
+        while emitted < n:
+            ended = not worker.is_alive()
+            if failure:
+                raise failure[0]
+            with live.lock:
+                produced = [live.produced(i) for i in range(len(streams))]
+                ready = self._final_prefix(bounds, overlap, produced)
+                if ready > emitted:
+                    segs = [live.view(i) for i in range(len(streams))]
+                    chunk = self._compose(bounds, overlap, segs, emitted, ready)
+            if progress is not None:
+                progress(sum(live.done), live.total)
+            if ready > emitted:
+                emitted = ready
+                yield chunk
+            elif ended:
+                raise RuntimeError("decoding stopped before the end of the audio")
+            else:
+                time.sleep(interval)
+        worker.join()
+
+    def _plan(self, requests: Sequence[DecodeRequest], segment: int | None, overlap: int | None):
+        """Validate the requests and cut them into streams.
+
+        Returns (streams, conditioning rows of every request stacked, and per request
+        ``(n, bounds, overlap, index of its first stream)``)."""
         overlap = self.hop if overlap is None else overlap
-        if segment < 1 or overlap < 0:
+        if (segment is not None and segment < 1) or overlap < 0:
             raise ValueError("segment must be >= 1 and overlap >= 0")
-        conds, streams, plans = [], [], []
-        offset = 0
+        conds, lengths = [], []
         for r, req in enumerate(requests):
-            cond = self.condition(req.codes, req.speaker)
+            conds.append(self.condition(req.codes, req.speaker))  # validates the codes
             n_frames = len(req.codes)
             n = self.max_samples(n_frames) if req.n_samples is None else int(req.n_samples)
             if n < 1 or self.geometry.padding(n)[2] != n_frames:
@@ -344,39 +446,58 @@ class Codec:
                 )
             if int(req.seed) < 0:
                 raise ValueError("seeds must be >= 0")
+            lengths.append(n)
+        segment = segment or self.auto_segment(sum(lengths))
+        streams, plans, offset = [], [], 0
+        for r, (req, n, cond) in enumerate(zip(requests, lengths, conds)):
             bounds = self._segments(n, segment, overlap)
-            plans.append((n, bounds))
-            for k, (a, b) in enumerate(bounds):
+            plans.append((n, bounds, overlap, len(streams)))
+            for k, (a, _) in enumerate(bounds):
                 g = a - (overlap if k > 0 else 0)
                 streams.append(
                     _Stream(
                         request=r,
                         tau0=self.geometry.pad_left + g - self.context,
-                        length=b - g,
+                        length=bounds[k][1] - g,
                         cond_offset=offset,
                         cond_count=len(cond),
                         seed=(int(req.seed), k),
                     )
                 )
-            conds.append(cond)
             offset += len(cond)
-        results = self._run(streams, np.concatenate(conds), progress)
-        outs, i = [], 0
-        for n, bounds in plans:
-            wave = np.zeros(n, dtype=np.float32)
-            for k, (a, b) in enumerate(bounds):
-                seg = mulaw_decode(results[i], self.q)
-                i += 1
-                if k == 0:
-                    wave[a:b] = seg
-                    continue
-                ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap)
-                head = seg[:overlap]
-                fade_out = np.sqrt(np.clip(1 - ramp**2, 0, 1))
-                wave[a - overlap : a] = wave[a - overlap : a] * fade_out + head * ramp
-                wave[a:b] = seg[overlap:]
-            outs.append(np.clip(wave, -1.0, 1.0))
-        return outs
+        return streams, np.concatenate(conds), plans
+
+    @staticmethod
+    def _final_prefix(bounds, overlap: int, produced: Sequence[int]) -> int:
+        """Samples of the waveform that no longer change, given how many samples each
+        segment has generated (segment ``k`` starts at ``a_k - overlap`` for ``k > 0``)."""
+        for k, (a, b) in enumerate(bounds):
+            g = a - (overlap if k > 0 else 0)
+            if produced[k] < b - g:  # its head also finalises the previous segment's tail
+                return g + produced[k]
+        return bounds[-1][1]
+
+    def _compose(self, bounds, overlap: int, segs: Sequence[np.ndarray], lo: int, hi: int):
+        """Samples ``[lo, hi)`` of the waveform from its segments' classes (cross-faded with
+        an equal-power sine ramp over ``overlap`` samples); ``segs[k]`` need only cover them."""
+        out = np.zeros(hi - lo, dtype=np.float32)
+        ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / max(overlap, 1))
+        fade = np.sqrt(np.clip(1 - ramp**2, 0, 1))
+        for k, (a, b) in enumerate(bounds):
+            g = a - (overlap if k > 0 else 0)
+            x0, x1 = max(g, lo), min(b, hi)
+            if x0 >= x1:
+                continue
+            x = np.arange(x0, x1)
+            w = np.ones(x1 - x0)
+            if k > 0:
+                head = x < a
+                w[head] = ramp[x[head] - g]
+            if k + 1 < len(bounds):
+                tail = x >= b - overlap
+                w[tail] = fade[x[tail] - (b - overlap)]
+            out[x0 - lo : x1 - lo] += mulaw_decode(segs[k][x0 - g : x1 - g], self.q) * w
+        return np.clip(out, -1.0, 1.0)
 
     def _segments(self, n: int, segment: int, overlap: int) -> list[tuple[int, int]]:
         """Boundaries ``[a_k, b_k)`` (original-sample indices) of the folded segments."""
@@ -456,22 +577,30 @@ class Codec:
         write = [offsets[i] + s % sizes[i] for i in range(self.n_layers)]
         return period, int(sum(sizes)), np.hstack(read), np.hstack(write)
 
-    def _run(self, streams: list[_Stream], cond: np.ndarray, progress) -> list[np.ndarray]:
-        """Run all streams, split between worker threads; results in stream order."""
-        order = sorted(range(len(streams)), key=lambda i: -streams[i].length)
-        workers = max(1, min(self.workers, len(streams) // self.streams_per_worker))
-        groups = [order[w::workers] for w in range(workers)]
-        groups = [g for g in groups if g]
-        results: list[np.ndarray | None] = [None] * len(streams)
-        done = [0] * len(groups)
+    def _run(
+        self,
+        streams: list[_Stream],
+        cond: np.ndarray,
+        progress,
+        *,
+        live: _Live | None = None,
+    ) -> list[np.ndarray]:
+        """Run all streams, split between worker threads; results in stream order.
+
+        Workers take streams round-robin in order (so the first segments of a file come
+        first, for `decode_stream`); each owns a queue and a batch of at most `max_rows` rows,
+        and a row that finishes its stream takes the next one from its queue."""
+        order = list(range(len(streams)))
+        workers = max(1, min(self.workers, len(streams) // self.streams_per_worker))  # see class
+        groups = [g for g in (order[w::workers] for w in range(workers)) if g]
+        live = live or _Live(len(streams))
+        live.done = [0] * len(groups)
+        live.total = sum(self.context + s.length for s in streams)
         errors: list[BaseException] = []
-        total = sum(self.context + streams[g[0]].length for g in groups)
 
         def work(w: int) -> None:
             try:
-                outs = self._run_group([streams[i] for i in groups[w]], cond, done, w)
-                for i, out in zip(groups[w], outs):
-                    results[i] = out
+                self._run_group(streams, groups[w], cond, live, w)
             except BaseException as e:  # re-raised in the calling thread
                 errors.append(e)
 
@@ -487,14 +616,14 @@ class Codec:
             main.start()
             threads.append(main)
             while any(t.is_alive() for t in threads):
-                progress(sum(done), total)
+                progress(sum(live.done), live.total)
                 time.sleep(0.25)
-            progress(total, total)
+            progress(live.total, live.total)
         for t in threads:
             t.join()
         if errors:
             raise errors[0]
-        return results
+        return list(live.results)
 
     def _past(self, rows: np.ndarray, taps: int) -> np.ndarray:
         """Ring rows ``[L * taps, B, R]`` -> the step's ``past [L, B, taps * R]``."""
@@ -504,64 +633,116 @@ class Codec:
         return rows.reshape(n, taps, b, r).transpose(0, 2, 1, 3).reshape(n, b, taps * r)
 
     def _run_group(
-        self, streams: list[_Stream], cond: np.ndarray, done: list[int], worker: int
-    ) -> list[np.ndarray]:
-        """The step loop for one batch of streams (``B`` rows in lockstep)."""
-        b, ctx = len(streams), self.context
-        n_steps = ctx + max(s.length for s in streams)
-        period, rows, read, write = self._rings
+        self,
+        streams: list[_Stream],
+        queue: list[int],
+        cond: np.ndarray,
+        live: _Live,
+        worker: int,
+    ) -> None:
+        """The step loop of one worker: rows in lockstep, each at its own stream's local step
+        ``l`` (``l < context``: warm-up on zero input; then one output per step)."""
+        ctx, n_layers, r = self.context, self.n_layers, self.residual_channels
+        period, ring_rows, read, write = self._rings
         taps = self.kernel - 1
-        r = self.residual_channels
-        store = np.zeros((rows, b, r), dtype=np.float32)  # ring rows of every layer
-        tau0 = np.array([s.tau0 for s in streams], dtype=np.int64)[:, None]
-        lo = np.array([s.cond_offset for s in streams], dtype=np.int64)[:, None]
-        hi = lo + np.array([s.cond_count - 1 for s in streams], dtype=np.int64)[:, None]
-        rngs = [np.random.default_rng(s.seed) for s in streams]
-        forced = streams[0].forced is not None
-        want_nll = forced and streams[0].targets is not None
+        b = min(len(queue), self.max_rows)
+        steps_max = ctx + max(streams[i].length for i in queue)
+        forced = streams[queue[0]].forced is not None
+        want_nll = forced and streams[queue[0]].targets is not None
+        store = np.zeros((ring_rows, b, r), dtype=np.float32)  # ring rows of every layer
+        cidx = np.zeros((b, steps_max), dtype=np.int64)  # row of `cond` per local step
+        noise = np.zeros((b, steps_max), dtype=np.float32)
         if forced:
-            prev_all = np.stack(
-                [np.pad(s.forced, (0, n_steps - len(s.forced)), mode="edge") for s in streams]
-            ).T.copy()  # [steps, B]
+            prev_in = np.zeros((b, steps_max), dtype=np.int64)
         if want_nll:
-            targets = np.stack([np.pad(s.targets, (0, n_steps - ctx - s.length)) for s in streams])
-            out = np.zeros((b, n_steps - ctx), dtype=np.float32)
+            targets = np.zeros((b, steps_max - ctx), dtype=np.int64)
+            out = np.zeros((b, steps_max - ctx), dtype=np.float32)
             fetch = ["logits", "current"]
         elif forced:
-            out = np.zeros((b, n_steps - ctx, self.q), dtype=np.float32)
+            out = np.zeros((b, steps_max - ctx, self.q), dtype=np.float32)
             fetch = ["logits", "current"]
         else:
-            out = np.zeros((b, n_steps - ctx), dtype=np.int64)
+            out = np.zeros((b, steps_max - ctx), dtype=np.int64)
             fetch = ["sample", "current"]
         zero_class = mulaw_encode(np.zeros(1), self.q)[0]
         prev = np.full(b, zero_class, dtype=np.int64)
-        run = self._step.run
-        rows_b = np.arange(b)
-        for start in range(0, n_steps, _BLOCK):
-            steps = np.arange(start, min(n_steps, start + _BLOCK))
-            cidx = self.geometry.cond_index(tau0 + steps[None]) + lo
-            cidx = np.minimum(np.maximum(cidx, lo), hi).T.copy()  # [n, B] rows of `cond`
-            noise = np.stack([r.random(len(steps)) for r in rngs], 1).astype(np.float32)
-            for j, s in enumerate(steps):
-                p = s % period
-                if forced:
-                    prev = prev_all[s]
-                feeds = {
-                    "prev": prev,
-                    "past": self._past(store[read[p]], taps),
-                    "cond": cond[cidx[j]],
-                    "noise": noise[j],
-                }
-                first, current = run(fetch, feeds)
-                store[write[p]] = current.reshape(b, self.n_layers, r).transpose(1, 0, 2)
-                if s >= ctx:
-                    if want_nll:
-                        m = first.max(1, keepdims=True)
-                        lse = np.log(np.exp(first - m).sum(1)) + m[:, 0]
-                        out[:, s - ctx] = lse - first[rows_b, targets[:, s - ctx]]
-                    else:
-                        out[:, s - ctx] = first
-                        if not forced:
-                            prev = first
-                done[worker] = s + 1
-        return [out[i, : s.length] for i, s in enumerate(streams)]
+        sid = np.full(b, -1, dtype=np.int64)  # stream of each row (-1: idle)
+        start = np.zeros(b, dtype=np.int64)  # global step of each row's local step 0
+        last = np.zeros(b, dtype=np.int64)  # each row's final local step
+        cbuf = np.empty((b, cond.shape[1]), dtype=np.float32)  # conditioning rows in use
+        crow = np.full(b, -1, dtype=np.int64)  # which row of `cond` each holds
+        pending = iter(queue)
+
+        def load(row: int, at: int) -> None:
+            i = next(pending, None)
+            sid[row] = -1 if i is None else i
+            if i is None:
+                return
+            st = streams[i]
+            n = ctx + st.length
+            idx = self.geometry.cond_index(st.tau0 + np.arange(n)) + st.cond_offset
+            lo, hi = st.cond_offset, st.cond_offset + st.cond_count - 1
+            cidx[row, :n] = np.clip(idx, lo, hi)
+            noise[row, :n] = np.random.default_rng(st.seed).random(n, dtype=np.float32)
+            if forced:
+                prev_in[row, :n] = st.forced
+            if want_nll:
+                targets[row, : st.length] = st.targets
+            start[row], last[row], prev[row] = at, n - 1, zero_class
+
+        for row in range(b):
+            load(row, 0)
+        run, every = self._step.run, np.arange(b)
+        s = 0
+        while (sid >= 0).any():
+            busy = (sid >= 0) & (start <= s)
+            if not busy.any():
+                s = int(start[sid >= 0].min())
+                continue
+            rows = every if busy.all() else np.flatnonzero(busy)
+            whole = len(rows) == b
+            local = s - start[rows]
+            ci = cidx[rows, local]
+            changed = np.flatnonzero(ci != crow[rows])  # a row changes once per hop
+            if len(changed):
+                crow[rows[changed]] = ci[changed]
+                cbuf[rows[changed]] = cond[ci[changed]]
+            p = s % period
+            past = store[read[p]]
+            feeds = {
+                "prev": prev_in[rows, local] if forced else (prev if whole else prev[rows]),
+                "past": self._past(past if whole else past[:, rows], taps),
+                "cond": cbuf if whole else cbuf[rows],
+                "noise": noise[rows, local],
+            }
+            first, current = run(fetch, feeds)
+            current = current.reshape(len(rows), n_layers, r).transpose(1, 0, 2)
+            if whole:
+                store[write[p]] = current
+            else:
+                store[write[p][:, None], rows[None, :]] = current
+            gen = local >= ctx
+            if gen.any():
+                g_rows, t = rows[gen], local[gen] - ctx
+                if want_nll:
+                    x = first[gen]
+                    m = x.max(1, keepdims=True)
+                    lse = np.log(np.exp(x - m).sum(1)) + m[:, 0]
+                    out[g_rows, t] = lse - x[np.arange(len(x)), targets[g_rows, t]]
+                else:
+                    out[g_rows, t] = first[gen]
+                    if not forced:
+                        prev[g_rows] = first[gen]
+            live.done[worker] += len(rows)
+            ending = rows[local == last[rows]]
+            if len(ending) or s % 128 == 0:
+                with live.lock:
+                    for row in ending:
+                        i = sid[row]
+                        live.results[i] = out[row, : streams[i].length].copy()
+                        live.partial[i] = None
+                        load(row, s + 1)
+                    for row in rows:
+                        if sid[row] >= 0 and start[row] <= s:
+                            live.partial[sid[row]] = (out[row], max(0, s - start[row] - ctx + 1))
+            s += 1

@@ -200,3 +200,45 @@ def test_resynthesize_returns_the_input_length_at_the_model_rate(tiny):
     x = clip("activated", 4000)[::2]  # 2000 samples at 8 kHz
     y = codec.resynthesize(x, 8000, speaker="spk2", seed=4)
     assert y.shape == (4000,) and np.isfinite(y).all()
+
+
+def test_decode_stream_chunks_concatenate_to_decode(tiny):
+    """Streaming runs `decode`'s schedule: its chunks are exactly the decoded audio, and the
+    first one arrives while later segments are still being generated."""
+    _, out = tiny
+    codec = Codec(out, workers=2)
+    codec.streams_per_worker = 2
+    codes = codec.encode(clip("agent-newlocation", 12000))
+    kwargs = dict(speaker=2, seed=5, n_samples=12000, segment=2000, overlap=200)
+    whole = codec.decode(codes, **kwargs)
+    seen = []
+    chunks = list(
+        codec.decode_stream(codes, **kwargs, interval=0.01, progress=lambda d, t: seen.append(d))
+    )
+    assert len(chunks) > 2
+    assert np.array_equal(np.concatenate(chunks), whole)
+    assert len(chunks[0]) < 2000  # the first segment's samples, before it finished
+    assert seen == sorted(seen)
+
+
+def test_final_prefix_waits_for_the_next_segment_head():
+    bounds = [(0, 100), (100, 200), (200, 300)]  # overlap 10: segments 1, 2 start 10 early
+    prefix = Codec._final_prefix
+    assert prefix(bounds, 10, [40, 0, 0]) == 40
+    assert prefix(bounds, 10, [100, 0, 50]) == 90  # segment 1's head is still missing
+    assert prefix(bounds, 10, [100, 4, 0]) == 94
+    assert prefix(bounds, 10, [100, 110, 9]) == 199
+    assert prefix(bounds, 10, [100, 110, 110]) == 300
+
+
+def test_rows_take_queued_streams_when_the_batch_is_full(tiny):
+    """More streams than rows: rows pick up the queue's next stream as each finishes, and
+    every stream still gives what it gives alone."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    codec.max_rows = 2
+    waves = [clip("activated", 2500), clip("agent-newlocation", 4100), clip("auth-incorrect", 900)]
+    queued = codec.teacher_forced(waves, speaker=1)
+    for wave, got in zip(waves, queued):
+        alone = codec.teacher_forced([wave], speaker=1)[0]
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
