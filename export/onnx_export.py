@@ -1,4 +1,4 @@
-"""Export a checkpoint to three ONNX graphs plus ``model.json``, then prove them against PyTorch.
+"""Export a checkpoint to four ONNX graphs plus ``model.json``, then prove them against PyTorch.
 
     python -m export --checkpoint runs/small/last.pt --out exported/small [--int8]
 
@@ -9,6 +9,9 @@ Graphs (dynamic batch and length axes, exported with a batch of 2):
   per-layer gate conditioning at 50 Hz (constant biases folded in, see `DecoderStep`).
 * ``decoder_step.onnx``: ``prev [B]``, ``past [L, B, (k-1)R]``, ``cond [B, L*2G]``,
   ``noise [B]`` -> ``sample [B]``, ``logits [B, Q]``, ``current [B, L*R]`` (`DecoderStep`).
+* ``decoder_warmup.onnx``: ``prev [B, T]``, ``cond [B, C, L*2G]``, ``index [B, T]`` ->
+  ``state [B, sum((k-1) d_i), R]``, the rings after ``T`` warm-up steps computed in parallel
+  (`DecoderStep.warm`); the runtime starts each folded segment with it.
 * ``decoder_step.int8.onnx`` with ``--int8``: dynamically quantised weights; the export prints
   its teacher-forced cross-entropy against fp32 on held-out clips.
 
@@ -41,7 +44,7 @@ from model.geometry import CodecGeometry
 
 FORMAT = "vqwavenet-onnx"
 VERSION = 1
-FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx")
+FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx", "decoder_warmup.onnx")
 INT8_FILE = "decoder_step.int8.onnx"
 OPSET = 20
 TIE = 1e-5  # float32 distance ties below which two codes may legitimately differ
@@ -85,6 +88,15 @@ class StepGraph(nn.Module):
     def forward(self, prev, past, cond, noise):
         out = self.step(prev, past, cond, noise)
         return out.sample, out.logits, out.current
+
+
+class WarmGraph(nn.Module):
+    def __init__(self, step: DecoderStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, prev, cond, index):
+        return self.step.warm(prev, cond, index)
 
 
 # --- checkpoints and specs -----------------------------------------------------------------------
@@ -172,14 +184,20 @@ def example_inputs(model: Autoencoder, step: DecoderStep, batch: int = 2, frames
     past = torch.randn(n_layers, batch, (step.kernel - 1) * r, generator=g)
     cond = torch.randn(batch, n_layers * 2 * step.gate, generator=g)
     noise = torch.rand(batch, generator=g)
-    return wave, (codes, speaker), (prev, past, cond, noise)
+    steps = sum(step.ring_sizes()) + 3
+    warm = (
+        torch.randint(cfg.decoder.quantization_channels, (batch, steps), generator=g),
+        torch.randn(batch, frames, n_layers * 2 * step.gate, generator=g),
+        torch.randint(frames, (batch, steps), generator=g).sort(1).values,
+    )
+    return wave, (codes, speaker), (prev, past, cond, noise), warm
 
 
 def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
     """Write the three fp32 graphs into ``out``; returns the step module they came from."""
     model = model.eval()
     step = DecoderStep(model.decoder).eval()
-    wave, cond_args, step_args = example_inputs(model, step)
+    wave, cond_args, step_args, warm_args = example_inputs(model, step)
     batch = {0: "batch"}
     _export(
         EncoderGraph(model),
@@ -205,6 +223,15 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
         names[:4],
         names[4:],
         {**{name: batch for name in names}, "past": {1: "batch"}},
+    )
+    steps = {0: "batch", 1: "steps"}
+    _export(
+        WarmGraph(step),
+        warm_args,
+        out / FILES[3],
+        ["prev", "cond", "index"],
+        ["state"],
+        {"prev": steps, "cond": {0: "batch", 1: "frames"}, "index": steps, "state": batch},
     )
     return step
 
@@ -287,13 +314,14 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
     """Run each graph with onnxruntime at a batch other than the export's and compare.
 
     Returns the measured errors; raises `ExportMismatch` beyond the tolerances."""
-    wave, (codes, speaker), step_args = example_inputs(model, step, batch=batch, frames=17)
+    wave, (codes, speaker), step_args, warm_args = example_inputs(model, step, batch, frames=17)
     errors = {}
     enc = _session(out / FILES[0]).run(None, {"wave": wave.numpy()})[0]
     errors["encoder_code_mismatches"] = code_mismatches(model, wave, enc)
     with torch.no_grad():
         ref_cond = ConditionerGraph(model, step)(codes, speaker)
         ref = step(*step_args)
+        ref_warm = step.warm(*warm_args)
     cond = _session(out / FILES[1]).run(None, {"codes": codes.numpy(), "speaker": speaker.numpy()})
     errors["conditioner_max_abs"] = _max_err(cond[0], ref_cond)
     names = ("prev", "past", "cond", "noise")
@@ -305,6 +333,9 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
     cdf = torch.softmax(ref.logits.double(), 1).cumsum(1)
     near = (cdf - step_args[3].double()[:, None]).abs().min(1).values < TOLERANCE
     errors["step_sample_mismatches"] = int(((sample != ref.sample.numpy()) & ~near.numpy()).sum())
+    feeds = {k: v.numpy() for k, v in zip(("prev", "cond", "index"), warm_args)}
+    state = _session(out / FILES[3]).run(None, feeds)[0]
+    errors["warmup_state_max_abs"] = _max_err(state, ref_warm)
     bad = [
         k
         for k, v in errors.items()

@@ -49,7 +49,7 @@ from model.geometry import CodecGeometry, Conv, Upsample
 FORMAT = "vqwavenet-onnx"
 VERSION = 1
 _LAYERS = {"Conv": Conv, "Upsample": Upsample}
-_BLOCK = 4096  # steps whose conditioning indices and noise are prepared at once
+WARM_FILE = "decoder_warmup.onnx"
 
 
 class ModelDirError(ValueError):
@@ -189,6 +189,8 @@ class Codec:
         self.meta = meta
         step_file = "decoder_step.int8.onnx" if int8 else "decoder_step.onnx"
         needed = ["encoder.onnx", "conditioner.onnx", step_file]
+        if WARM_FILE in meta["files"]:  # absent from model directories exported before it
+            needed.append(WARM_FILE)
         for name in needed:
             path = self.dir / name
             if name not in meta["files"] or not path.is_file():
@@ -201,6 +203,8 @@ class Codec:
         self._encoder = self._session(self.dir / "encoder.onnx", threads)
         self._conditioner = self._session(self.dir / "conditioner.onnx", threads)
         self._step = self._session(self.dir / step_file, 1)
+        self._warm = self._session(self.dir / WARM_FILE, 1) if WARM_FILE in needed else None
+        self.parallel_warmup = self._warm is not None
         self.int8 = int8
         self.model_id: str = meta["model_id"]
         self.sample_rate: int = int(meta["sample_rate"])
@@ -218,6 +222,12 @@ class Codec:
         self.cond_kernel = int(step["cond_kernel"])
         self.context = self.geometry.wavenet_context
         self._rings = self._ring_tables()
+        sizes = [(self.kernel - 1) * d for d in self.dilations]
+        self._state_layout = (  # ring offset, position and size of each row of a warm state
+            np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes),
+            np.concatenate([np.arange(n) for n in sizes]),
+            np.repeat(sizes, sizes),
+        )
 
     @staticmethod
     def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -672,6 +682,7 @@ class Codec:
         cbuf = np.empty((b, cond.shape[1]), dtype=np.float32)  # conditioning rows in use
         crow = np.full(b, -1, dtype=np.int64)  # which row of `cond` each holds
         pending = iter(queue)
+        warm = self._warm.run if self._warm is not None else None
 
         def load(row: int, at: int) -> None:
             i = next(pending, None)
@@ -689,6 +700,17 @@ class Codec:
             if want_nll:
                 targets[row, : st.length] = st.targets
             start[row], last[row], prev[row] = at, n - 1, zero_class
+            if self.parallel_warmup:  # the warm-up's rings in one call; start at step ctx
+                w = cidx[row, :ctx]
+                feeds = {
+                    "prev": (prev_in[row, :ctx] if forced else np.full(ctx, zero_class))[None],
+                    "cond": cond[w[0] : w[-1] + 1][None],
+                    "index": (w - w[0])[None],
+                }
+                offset, position, size = self._state_layout
+                store[offset + (at + position) % size, row] = warm(None, feeds)[0][0]
+                start[row] = at - ctx
+                live.done[worker] += ctx
 
         for row in range(b):
             load(row, 0)

@@ -90,8 +90,9 @@ def test_export_writes_graphs_with_hashes_and_geometry(tiny):
     assert not model.training  # the exporter must not leave the model in training mode
     on_disk = json.loads((out / "model.json").read_text())
     assert on_disk["model_id"] == meta["model_id"]
-    for name in ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx"):
+    for name in ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx", "decoder_warmup.onnx"):
         assert on_disk["files"][name] == sha256(out / name)
+    assert on_disk["verification"]["warmup_state_max_abs"] < 1e-4
     assert not (out / "decoder_step.int8.onnx").exists()
     assert on_disk["hop"] == model.geometry.hop
     assert on_disk["codebook_size"] == model.cfg.quantizer.codebook_size
@@ -232,6 +233,64 @@ def test_incremental_pytorch_reproduces_parallel_logits(tmp_path, one_thread, co
         got = run_incremental_torch(step, cond, classes, tau0, ctx + n, ci)[ctx:]
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def _step_through(step: DecoderStep, prev, cond, index, rings):
+    """The rings after stepping ``T`` times from the given contents (the generator's way)."""
+    b, t_steps = prev.shape
+    k, r = step.kernel, step.residual_channels
+    rows = torch.arange(b)
+    for t in range(t_steps):
+        past = torch.stack(
+            [
+                torch.cat([ring[(t - j * d) % len(ring)] for j in range(k - 1, 0, -1)], 1)
+                for ring, d in zip(rings, step.dilations)
+            ]
+        )
+        noise = torch.rand(b, dtype=cond.dtype)
+        current = step(prev[:, t], past, cond[rows, index[:, t]], noise).current
+        for i, ring in enumerate(rings):
+            ring[t % len(ring)] = current.reshape(b, step.n_layers, r)[:, i]
+    sizes = step.ring_sizes()
+    return torch.cat(
+        [
+            torch.stack([ring[(t_steps + j) % n] for j in range(n)], 1)
+            for ring, n in zip(rings, sizes)
+        ],
+        1,
+    )
+
+
+@pytest.mark.parametrize("config, extra", [("tiny", 7), ("tiny", 0), ("tiny", -1), ("small", 0)])
+def test_parallel_warm_up_equals_stepping_from_any_ring_contents(config, extra):
+    """`DecoderStep.warm` gives the rings that ``T`` steps leave, whatever they held before,
+    once ``T >= sum((k-1) d)``. Controls that the comparison can fail: conditioning read one
+    step off differs, and with one step fewer the result still remembers the initial contents
+    (measurable through tiny's six layers; through small's twenty it fades below float64)."""
+    torch.manual_seed(3)
+    model = Autoencoder(load_model_config(config)).double().eval()
+    step = DecoderStep(model.decoder).double()
+    need, b, frames = sum(step.ring_sizes()), 2, 9
+    t_steps = need + extra
+    cond = torch.randn(b, frames, step.n_layers * 2 * step.gate, dtype=torch.float64)
+    prev = torch.randint(256, (b, t_steps))
+    index = torch.randint(frames, (b, t_steps)).sort(1).values
+    rings = [
+        torch.randn(n, b, step.residual_channels, dtype=torch.float64) for n in step.ring_sizes()
+    ]
+    with torch.no_grad():
+        stepped = _step_through(step, prev, cond, index, rings)
+        if t_steps < need:
+            with pytest.raises(ValueError, match="at least"):
+                step.warm(prev, cond, index)
+            other = [torch.randn_like(ring) for ring in rings]
+            assert (stepped - _step_through(step, prev, cond, index, other)).abs().max() > 1e-8
+            return
+        got = step.warm(prev, cond, index)
+        off_by_one = step.warm(prev, cond, index.roll(1, 1))
+    assert got.shape == (b, need, step.residual_channels)
+    assert (got - stepped).abs().max() < 1e-12
+    assert (off_by_one - stepped).abs().max() > 1e-6
 
 
 # --- failure paths -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ encoding, seeded decoding, input validation, and no torch anywhere in its import
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -242,3 +243,27 @@ def test_rows_take_queued_streams_when_the_batch_is_full(tiny):
     for wave, got in zip(waves, queued):
         alone = codec.teacher_forced([wave], speaker=1)[0]
         np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+
+
+def test_parallel_warm_up_equals_stepped_warm_up_and_old_dirs_still_load(tiny, tmp_path):
+    """Segments start from `decoder_warmup.onnx`'s rings: teacher-forced outputs equal those
+    of stepping through the warm-up; a model directory exported before that graph existed
+    falls back to stepping."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    assert codec.parallel_warmup
+    waves = [clip("activated", 2500), clip("agent-newlocation", 4100)]
+    fast = codec.teacher_forced(waves, speaker=1)
+    codec.parallel_warmup = False
+    stepped = codec.teacher_forced(waves, speaker=1)
+    for a, b in zip(fast, stepped):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "decoder_warmup.onnx").unlink()
+    meta = json.loads((old / "model.json").read_text())
+    del meta["files"]["decoder_warmup.onnx"]
+    (old / "model.json").write_text(json.dumps(meta))
+    legacy = Codec(old, workers=1)
+    assert not legacy.parallel_warmup
+    np.testing.assert_allclose(legacy.teacher_forced(waves[:1], speaker=1)[0], fast[0], atol=1e-5)
