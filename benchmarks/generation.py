@@ -9,8 +9,11 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
   (the textbook full recomputation), batch 1.
 * ``incremental_torch``: `model.decoder_step.DecoderStep` with ring buffers, batch 1.
 * ``onnx_batch1``: `export.runtime.Codec.decode` of 0.5 s without folding, one worker thread.
-* ``onnx_folded_<W>w``: ``--seconds`` of audio folded into segments over W worker threads
+* ``onnx_folded_<W>w``: one file of ``--seconds`` folded into segments over W worker threads
   (``--workers``, and 1 for comparison in fp32).
+* ``onnx_batch<N>``: ``--files`` files of ``--seconds`` each in one `Codec.decode_many` call
+  (a folder through the CLI, or the app's concurrent requests): enough segments to fill
+  every worker's batch.
 * ``encode``: `Codec.encode` (chunked, batched) on ``--encode-seconds`` of speech.
 
 Each decoding row gives samples/s and the speed as a multiple of real time (>1: faster than
@@ -39,7 +42,7 @@ import soundfile as sf
 import torch
 
 from export.onnx_export import export_model
-from export.runtime import Codec
+from export.runtime import Codec, DecodeRequest
 from model.autoencoder import Autoencoder
 from model.config import load_model_config
 from model.decoder_step import DecoderStep
@@ -129,14 +132,18 @@ def incremental_torch(model: Autoencoder, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def onnx_decode(codec: Codec, n: int, folded: bool) -> float:
+def onnx_decode(codec: Codec, n: int, folded: bool, files: int = 1) -> float:
     f = codec.geometry.padding(n)[2]
-    codes = np.random.default_rng(0).integers(0, codec.codebook_size, f)
+    rng = np.random.default_rng(0)
+    reqs = [
+        DecodeRequest(rng.integers(0, codec.codebook_size, f), i % len(codec.speakers), n, i)
+        for i in range(files)
+    ]
     segment = None if folded else n + 1
-    codec.decode(codes[: codec.cond_kernel + 8], seed=0, segment=segment)  # warm the session
+    codec.decode(reqs[0].codes[: codec.cond_kernel + 8], seed=0, segment=segment)  # warm up
     t = time.perf_counter()
-    codec.decode(codes, seed=1, n_samples=n, segment=segment)
-    return n / (time.perf_counter() - t)
+    codec.decode_many(reqs, segment=segment)
+    return files * n / (time.perf_counter() - t)
 
 
 def encode_speed(codec: Codec, seconds: float) -> float:
@@ -169,6 +176,10 @@ def run_config(config: str, args, machine: float, emit) -> None:
                 codec.streams_per_worker = 1  # exactly `workers` threads, whatever the batch
                 rate = onnx_decode(codec, n, folded=True)
                 rows.append((f"onnx_folded_{workers}w", precision, rate))
+            if args.files > 1:
+                codec = Codec(tmp, int8=precision == "int8", workers=args.workers)
+                rate = onnx_decode(codec, n, folded=True, files=args.files)
+                rows.append((f"onnx_batch{args.files}", precision, rate))
         for method, precision, rate in rows:
             emit(
                 {
@@ -209,7 +220,8 @@ def table(rows: list[dict]) -> str:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["tiny", "small", "default"])
-    p.add_argument("--seconds", type=float, default=8.0, help="audio decoded by onnx_folded")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each decoded file")
+    p.add_argument("--files", type=int, default=8, help="files decoded together by onnx_batch")
     p.add_argument("--encode-seconds", type=float, default=30.0)
     p.add_argument("--steps", type=int, default=400, help="incremental PyTorch steps")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -219,8 +231,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    if args.seconds <= 0 or args.encode_seconds <= 0 or args.steps < 1:
-        print("error: --seconds, --encode-seconds and --steps must be positive", file=sys.stderr)
+    if args.seconds <= 0 or args.encode_seconds <= 0 or args.steps < 1 or args.files < 1:
+        print(
+            "error: --seconds, --encode-seconds, --steps and --files must be positive",
+            file=sys.stderr,
+        )
         return 1
     args.naive_steps = {"tiny": 400, "small": 8, "default": 3}
     machine = matmul_macs_per_s(args.threads)
