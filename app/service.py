@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,6 +229,30 @@ class CodecService:
         index = self.speaker_index(speaker, default=cf.speaker_index)
         seed = _check_seed(seed)
         return self.codec.decode(
+            np.asarray(cf.codes, dtype=np.int64),
+            index,
+            seed,
+            progress,
+            n_samples=cf.num_samples,
+        )
+
+    def decode_stream(
+        self,
+        cf: CodesFile,
+        speaker: int | str | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> Iterator[np.ndarray]:
+        """`decode` in consecutive float32 chunks, each as soon as the engine has it final; the
+        chunks concatenate to exactly `decode`'s output for the same arguments.
+
+        The checks run here, at the call, not at the first ``next()``: a refusal is raised
+        before any audio exists (a failure of the engine itself still comes from the iterator).
+        """
+        self.check_codes(cf)
+        index = self.speaker_index(speaker, default=cf.speaker_index)
+        seed = _check_seed(seed)
+        return self.codec.decode_stream(
             np.asarray(cf.codes, dtype=np.int64),
             index,
             seed,

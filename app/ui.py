@@ -5,14 +5,20 @@ user sees what is wrong and the server goes on serving; an unexpected failure is
 traceback and reported as an internal error, never as a dead worker. Endpoints (for
 ``gradio_client``): ``/encode``, ``/decode``, ``/resynthesize``.
 
-Decoding is shown with a progress bar, not streamed: the engine generates an utterance as folded
-segments in lockstep (`export.runtime`), so no prefix of the audio is final before the end.
+Decoding streams: the Decode tab's player starts on the first samples the engine has final
+(`CodecService.decode_stream`; the first folded segment arrives as it is generated, later ones as
+they finish) while a progress bar runs, and the complete 16-bit wav is offered as a file at the
+end. Gradio streams audio output as AAC through ffmpeg, so the player streams only where ffmpeg is
+on PATH; without it the player gets the whole wav at the end. Either way ``/decode`` returns
+(player, wav file): the wav holds exactly the engine's samples, and the player's last value is
+that wav, or a no-change update when it was streamed (the stream's chunks come before it).
 """
 
 from __future__ import annotations
 
 import atexit
 import html
+import io
 import logging
 import os
 import shutil
@@ -81,6 +87,20 @@ def _audio_out(service: CodecService, scratch: Scratch, wave: np.ndarray, name: 
     return str(path)
 
 
+def _wav_bytes(service: CodecService, wave: np.ndarray) -> bytes:
+    """A 16-bit wav of ``wave [n]`` in memory: one chunk of a streamed output (Gradio passes
+    bytes to its stream encoder as they are; an array would be cached and peak-normalised)."""
+    buffer = io.BytesIO()
+    save_wav(buffer, wave, service.sample_rate)
+    return buffer.getvalue()
+
+
+def can_stream_audio() -> bool:
+    """Whether Gradio can stream an audio output here: it encodes the stream with ffmpeg and
+    fails at the first chunk when ffmpeg is not on PATH."""
+    return shutil.which("ffmpeg") is not None
+
+
 def _image_out(scratch: Scratch, image: np.ndarray, name: str) -> str:
     """A PNG of ``image [H, W, 3]`` uint8 for an output Image component (see `_audio_out`)."""
     path = scratch.path(name)
@@ -122,9 +142,14 @@ def _summary(service: CodecService, enc, path: Path) -> str:
     )
 
 
-def build_demo(service: CodecService, *, scratch: Scratch | None = None) -> gr.Blocks:
-    """The app's Blocks, not launched and without a queue (`serve` does both)."""
+def build_demo(
+    service: CodecService, *, scratch: Scratch | None = None, stream: bool | None = None
+) -> gr.Blocks:
+    """The app's Blocks, not launched and without a queue (`serve` does both).
+
+    ``stream``: whether the Decode tab streams its audio (default: where `can_stream_audio`)."""
     scratch = scratch or Scratch()
+    stream = can_stream_audio() if stream is None else stream
     speakers = service.speakers
 
     def encode(audio, speaker):
@@ -144,8 +169,15 @@ def build_demo(service: CodecService, *, scratch: Scratch | None = None) -> gr.B
             cf = service.read_codes(codes_path)
             choice = None if speaker in (None, FROM_FILE) else speaker
             cb = _progress_callback(progress, "generating")
-            wave = service.decode(cf, choice, seed, cb)
-            return _audio_out(service, scratch, wave, Path(codes_path).stem + ".decoded.wav")
+            chunks = service.decode_stream(cf, choice, seed, cb)  # refusals raise here
+            parts = []
+            for chunk in chunks:  # [k] float32 each
+                parts.append(chunk)
+                if stream:
+                    yield _wav_bytes(service, chunk), gr.skip()
+            name = Path(codes_path).stem + ".decoded.wav"
+            path = _audio_out(service, scratch, np.concatenate(parts), name)
+            yield (gr.skip() if stream else path), path
         except Exception as e:
             raise _fail(e, codes_path) from None
 
@@ -211,9 +243,19 @@ def build_demo(service: CodecService, *, scratch: Scratch | None = None) -> gr.B
                         dec_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
                         dec_button = gr.Button("Decode", variant="primary", elem_id="decode-btn")
                     with gr.Column():
-                        dec_audio = gr.Audio(
-                            label="Decoded speech", elem_id="decode-audio", **PLAYER
-                        )
+                        if stream:  # the browser's player (Gradio's choice for streams)
+                            dec_audio = gr.Audio(
+                                label="Decoded speech (plays as it is generated)",
+                                streaming=True,
+                                autoplay=True,
+                                buttons=[],  # the wav below is the download
+                                elem_id="decode-audio",
+                            )
+                        else:
+                            dec_audio = gr.Audio(
+                                label="Decoded speech", elem_id="decode-audio", **PLAYER
+                            )
+                        dec_wav = gr.File(label="Decoded speech (.wav)", elem_id="decode-wav")
             with gr.Tab("Resynthesise", id="resynthesize"):
                 with gr.Row():
                     with gr.Column():
@@ -245,7 +287,13 @@ def build_demo(service: CodecService, *, scratch: Scratch | None = None) -> gr.B
             [enc_file, enc_picture, enc_info, dec_file],
             api_name="encode",
         )
-        dec_button.click(decode, [dec_file, dec_speaker, dec_seed], [dec_audio], api_name="decode")
+        dec_button.click(
+            decode,
+            [dec_file, dec_speaker, dec_seed],
+            [dec_audio, dec_wav],
+            api_name="decode",
+            show_progress_on=dec_wav,  # not over the player while it plays
+        )
         res_button.click(
             resynthesize,
             [res_in, res_speaker, res_seed],
@@ -264,12 +312,14 @@ def serve(
     queue_size: int = 64,
     max_file_size: str | int | None = "50mb",
     block: bool = True,
+    stream: bool | None = None,
     **launch_kwargs,
 ) -> gr.Blocks:
     """Build, queue and launch the app; ``block=False`` returns once it is serving (tests).
 
-    ``port=None`` lets Gradio pick a free port (``demo.local_url`` says which)."""
-    demo = build_demo(service)
+    ``port=None`` lets Gradio pick a free port (``demo.local_url`` says which); ``stream``: see
+    `build_demo`."""
+    demo = build_demo(service, stream=stream)
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     demo.launch(
         server_name=host,

@@ -1,10 +1,12 @@
-"""The web app end to end through ``gradio_client`` on loopback: encode, decode, resynthesise,
-every bad input answered with a clear message while the server keeps serving, eight clients at
-once, and a served process that never imports torch."""
+"""The web app end to end through ``gradio_client`` on loopback: encode, decode (streamed, and
+the final wav), resynthesise, every bad input answered with a clear message while the server keeps
+serving, eight clients at once, and a served process that never imports torch."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,8 +22,9 @@ from gradio_client.exceptions import AppError
 
 from app.__main__ import main as app_main
 from app.pictures import codes_image, spectrogram_image
+from export.audio import to_int16
 from export.codes_file import CodesFile
-from tests.conftest import APP_MAX_FILE_SIZE
+from tests.conftest import APP_MAX_FILE_SIZE, DATA, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Gradio's queue calls pandas APIs that pandas 3 deprecates: its noise, not ours.
@@ -40,7 +43,8 @@ def encode(c: Client, path, speaker="Allison"):
 
 
 def decode(c: Client, path, speaker=FROM_FILE, seed=0):
-    return c.predict(handle_file(str(path)), speaker, seed, api_name="/decode")
+    """The decoded wav's path (``/decode`` returns (player, wav); the player may be a stream)."""
+    return c.predict(handle_file(str(path)), speaker, seed, api_name="/decode")[1]
 
 
 def assert_serves(c: Client, app_inputs) -> None:
@@ -81,6 +85,122 @@ def test_app_encode_decode_resynthesize_end_to_end(app_server, app_inputs, tmp_p
     assert Path(spec_in).stat().st_size > 0 and Path(spec_out).stat().st_size > 0
 
 
+def long_codes(service, tmp_path: Path, seconds: float = 1.9) -> Path:
+    """A codes file of ``seconds`` of speech (two test clips back to back), for streaming."""
+    waves = [
+        sf.read(DATA / name, dtype="int16")[0] for name in ("activated.wav", "auth-incorrect.wav")
+    ]
+    wave = np.concatenate(waves)[: int(seconds * 16000)]
+    assert len(wave) == int(seconds * 16000)
+    path = tmp_path / "long.vqwc"
+    service.encode((16000, wave)).codes.write(path)
+    return path
+
+
+def fetch(url: str) -> bytes:
+    r = httpx.get(url, timeout=60)
+    r.raise_for_status()
+    return r.content
+
+
+def streamed_pcm(playlist_url: str) -> tuple[np.ndarray, int, int]:
+    """Samples of a finished HLS audio stream as Gradio serves it (ADTS AAC segments), decoded
+    by ffmpeg; returns (float samples, sample rate, number of segments)."""
+    lines = fetch(playlist_url).decode().splitlines()
+    assert lines[-1] == "#EXT-X-ENDLIST", lines  # the stream is complete
+    segments = [line for line in lines if line and not line.startswith("#")]
+    base = playlist_url.rsplit("/", 1)[0]
+    adts = b"".join(fetch(f"{base}/{name}") for name in segments)
+    wav = subprocess.run(  # at the rate the ADTS headers declare
+        ["ffmpeg", "-v", "error", "-f", "aac", "-i", "pipe:0", "-f", "wav", "pipe:1"],
+        input=adts,
+        capture_output=True,
+        check=True,
+    ).stdout
+    audio, sr = sf.read(io.BytesIO(wav), dtype="float64")
+    assert audio.ndim == 1
+    return audio, sr, len(segments)
+
+
+def best_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> float:
+    """Largest normalised correlation of ``x`` against ``y`` delayed by 0..max_lag samples
+    (an AAC encoder delays its output by its priming samples)."""
+    best = -1.0
+    for lag in range(max_lag + 1):
+        a, b = x[lag : lag + len(y)], y[: len(x) - lag]
+        n = min(len(a), len(b))
+        a, b = a[:n], b[:n]
+        best = max(best, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+    return best
+
+
+def test_app_streams_decoded_audio_then_offers_the_exact_wav(app_server, tmp_path):
+    url, service = app_server
+    if shutil.which("ffmpeg") is None:
+        pytest.fail("ffmpeg missing (Gradio streams audio through it): `apt-get install -y ffmpeg`")
+    codes_path = long_codes(service, tmp_path)
+    cf = CodesFile.read(codes_path)
+    c = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+    job = c.submit(handle_file(str(codes_path)), "Carlo", 5, api_name="/decode")
+    player, wav = job.result(timeout=120)
+
+    # The wav is exactly the engine's output for the same codes, speaker and seed.
+    want = service.codec.decode(
+        cf.codes, service.speaker_index("Carlo"), 5, n_samples=cf.num_samples
+    )
+    got, sr = sf.read(io.BytesIO(fetch(wav["url"])), dtype="int16")
+    assert sr == service.sample_rate and wav["orig_name"] == "long.decoded.wav"
+    np.testing.assert_array_equal(got, to_int16(want))
+
+    # The player got a stream, fed over several updates, not one value at the end.
+    streamed = [
+        out[0] for out in job.outputs() if isinstance(out[0], dict) and out[0].get("is_stream")
+    ]
+    assert len(streamed) >= 2, job.outputs()
+    assert player == {"__type__": "update"}  # the last update leaves the stream as it is
+    audio, stream_sr, segments = streamed_pcm(streamed[-1]["url"])
+    assert segments >= 2
+    # Lossy (AAC), so not the same samples: the same rate, the duration up to the encoder's
+    # priming and last frame (1024 samples each), and the same waveform.
+    assert stream_sr == service.sample_rate
+    assert len(want) <= len(audio) <= len(want) + 3 * 1024, (len(audio), len(want))
+    assert best_correlation(audio, want, 3 * 1024) > 0.9
+    # Negative control: another seed's audio (same codes and voice) does not pass for it.
+    other = service.codec.decode(
+        cf.codes, service.speaker_index("Carlo"), 6, n_samples=cf.num_samples
+    )
+    assert best_correlation(audio, other, 3 * 1024) < 0.5
+
+
+def test_app_without_ffmpeg_plays_the_whole_wav_instead(app_model_dir, app_inputs, tmp_path):
+    """Gradio needs ffmpeg to stream audio: without it the player gets the wav at the end."""
+    from app.service import CodecService
+    from app.ui import serve
+
+    service = CodecService(app_model_dir, max_seconds=2.0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shutil, "which", lambda name, *args, **kwargs: None)  # no ffmpeg anywhere
+        for stream in (None, True):  # None: the app's own choice; True: a forced stream
+            demo = serve(service, port=free_port(), block=False, stream=stream)
+            try:
+                c = client(demo.local_url, tmp_path / f"stream-{stream}")
+                if stream:  # negative control: the stream itself fails without ffmpeg
+                    with pytest.raises(AppError, match="requires ffmpeg"):
+                        decode(c, app_inputs.codes)
+                    continue
+                player, wav = c.predict(
+                    handle_file(str(app_inputs.codes)), FROM_FILE, 0, api_name="/decode"
+                )
+            finally:
+                demo.close()
+    cf = CodesFile.read(app_inputs.codes)
+    want = to_int16(service.codec.decode(cf.codes, cf.speaker_index, 0, n_samples=cf.num_samples))
+    for path in (player, wav):
+        got, sr = sf.read(path, dtype="int16")
+        assert sr == service.sample_rate
+        np.testing.assert_array_equal(got, want)
+
+
 def test_app_accepts_odd_but_valid_formats(app_server, app_inputs, tmp_path):
     c = client(app_server[0], tmp_path)
     for name, (path, lossless) in app_inputs.odd.items():
@@ -109,9 +229,11 @@ def test_app_reports_each_bad_audio_and_keeps_serving(app_server, app_inputs, tm
 def test_app_reports_each_bad_codes_file_and_keeps_serving(app_server, app_inputs, tmp_path):
     c = client(app_server[0], tmp_path)
     for name, (path, phrase) in app_inputs.bad_codes.items():
+        job = c.submit(handle_file(str(path)), FROM_FILE, 0, api_name="/decode")
         with pytest.raises(AppError) as e:
-            decode(c, path)
+            job.result()
         assert phrase in str(e.value), (name, str(e.value))
+        assert job.outputs() == [], name  # refused before any audio was streamed
     with pytest.raises(AppError, match="no codes file given"):
         c.predict(None, FROM_FILE, 0, api_name="/decode")
     with pytest.raises(AppError, match="seed|less than minimum"):
@@ -195,11 +317,20 @@ def test_app_reports_an_engine_failure_and_keeps_serving(
     def broken(*args, **kwargs):
         raise RuntimeError("simulated onnxruntime failure")
 
+    def broken_midway(*args, **kwargs):
+        yield np.zeros(160, np.float32)  # some audio streams, then the engine fails
+        raise RuntimeError("simulated onnxruntime failure")
+
     c = client(url, tmp_path)
-    with monkeypatch.context() as m:
-        m.setattr(service.codec, "decode", broken)
-        with pytest.raises(AppError, match="internal error.*simulated onnxruntime failure"):
-            decode(c, app_inputs.codes)
+    for failure, streamed in ((broken, 0), (broken_midway, 1)):
+        with monkeypatch.context() as m:
+            m.setattr(service.codec, "decode_stream", failure)
+            job = c.submit(handle_file(str(app_inputs.codes)), FROM_FILE, 0, api_name="/decode")
+            with pytest.raises(AppError, match="internal error.*simulated onnxruntime failure"):
+                job.result()
+            # What `job.outputs()` shows of a failed run (also the control of the bad codes
+            # test's "nothing streamed"): the audio that came before the failure.
+            assert len(job.outputs()) == streamed, failure
     wave, _ = sf.read(decode(c, app_inputs.codes), dtype="int16")
     assert wave.shape == (sf.info(app_inputs.clip).frames,)
 
