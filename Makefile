@@ -3,9 +3,12 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := chromium asterisk-core-sounds-en-g722
+# ffmpeg: Gradio encodes streamed audio with it (the app plays decoded speech as it is
+# generated; without ffmpeg it plays the whole file at the end).
+APP_PACKAGES := ffmpeg
+APT_PACKAGES := chromium asterisk-core-sounds-en-g722 $(APP_PACKAGES)
 
-.PHONY: app test lint format system data clean
+.PHONY: app test lint format system app-system apt data clean
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -13,9 +16,15 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-# Debian packages the tests use (browser tests, a real-speech corpus check). Root on CI.
+# Debian packages the tests use (browser tests, a real-speech corpus check, streaming). Root on CI.
 system:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
+
+app-system:
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APP_PACKAGES)"
+
+apt:
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them as root)"; fi; \
@@ -30,7 +39,7 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-app: $(STAMP)
+app: $(STAMP) app-system
 	$(PY) -m app --host 127.0.0.1 --port 7860
 
 clean:

@@ -131,6 +131,7 @@ class _Live:
         self.partial: list[tuple[np.ndarray, int] | None] = [None] * n_streams
         self.done: list[int] = []
         self.total = 1
+        self.cancelled = False  # set when the consumer goes away: workers stop at their next step
 
     def produced(self, i: int) -> int:
         if self.results[i] is not None:
@@ -412,18 +413,26 @@ class Codec:
             except BaseException as e:  # re-raised by the generator
                 failure.append(e)
 
-        worker = threading.Thread(target=run, daemon=True)
+        worker = threading.Thread(target=run, name="vqwavenet-stream", daemon=True)
         worker.start()
+        try:
+            yield from self._poll(live, worker, failure, bounds, overlap, n, progress, interval)
+        finally:  # also when the consumer stops early (closed generator): stop the workers
+            live.cancelled = True
+        worker.join()
+
+    def _poll(self, live, worker, failure, bounds, overlap, n, progress, interval):
+        """`decode_stream`'s loop: yield the final prefix whenever it grew."""
         emitted = 0
         while emitted < n:
             ended = not worker.is_alive()
             if failure:
                 raise failure[0]
             with live.lock:
-                produced = [live.produced(i) for i in range(len(streams))]
+                produced = [live.produced(i) for i in range(len(live.results))]
                 ready = self._final_prefix(bounds, overlap, produced)
                 if ready > emitted:
-                    segs = [live.view(i) for i in range(len(streams))]
+                    segs = [live.view(i) for i in range(len(live.results))]
                     chunk = self._compose(bounds, overlap, segs, emitted, ready)
             if progress is not None:
                 progress(sum(live.done), live.total)
@@ -434,7 +443,6 @@ class Codec:
                 raise RuntimeError("decoding stopped before the end of the audio")
             else:
                 time.sleep(interval)
-        worker.join()
 
     def _plan(self, requests: Sequence[DecodeRequest], segment: int | None, overlap: int | None):
         """Validate the requests and cut them into streams.
@@ -615,7 +623,8 @@ class Codec:
                 errors.append(e)
 
         threads = [
-            threading.Thread(target=work, args=(w,), daemon=True) for w in range(1, len(groups))
+            threading.Thread(target=work, args=(w,), name=f"vqwavenet-worker{w}", daemon=True)
+            for w in range(1, len(groups))
         ]
         for t in threads:
             t.start()
@@ -716,7 +725,7 @@ class Codec:
             load(row, 0)
         run, every = self._step.run, np.arange(b)
         s = 0
-        while (sid >= 0).any():
+        while (sid >= 0).any() and not live.cancelled:
             busy = (sid >= 0) & (start <= s)
             if not busy.any():
                 s = int(start[sid >= 0].min())

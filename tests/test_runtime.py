@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,21 @@ def test_parallel_warm_up_equals_stepped_warm_up_and_old_dirs_still_load(tiny, t
     legacy = Codec(old, workers=1)
     assert not legacy.parallel_warmup
     np.testing.assert_allclose(legacy.teacher_forced(waves[:1], speaker=1)[0], fast[0], atol=1e-5)
+
+
+def test_closing_a_decode_stream_stops_its_workers(tiny):
+    """A consumer that goes away (a browser tab closed mid-decode) must not leave generation
+    running: closing the generator stops the workers within a step."""
+    _, out = tiny
+    codec = Codec(out, workers=2)
+    codec.streams_per_worker = 1
+    codes = np.random.default_rng(0).integers(0, codec.codebook_size, 50 * 120)  # 2 minutes
+    stream = codec.decode_stream(codes, seed=1, segment=16000, interval=0.01)
+    first = next(stream)
+    assert 0 < len(first) < codec.max_samples(len(codes))
+    assert any(t.name.startswith("vqwavenet-") for t in threading.enumerate())
+    stream.close()  # the whole decode takes tens of seconds (the control: without the stop)
+    deadline = time.monotonic() + 2
+    while any(t.name.startswith("vqwavenet-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "decoding threads still running after close()"
+        time.sleep(0.01)
