@@ -24,6 +24,7 @@ from tqdm import tqdm
 from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, InputError, ModelLoadError
 from export.audio import save_wav
 from export.codes_file import SUFFIX
+from export.runtime import DecodeRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 OUTPUT_SUFFIX = {"encode": SUFFIX, "decode": ".decoded.wav", "resynth": ".resynth.wav"}
@@ -75,6 +76,12 @@ def get_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     voice = argparse.ArgumentParser(add_help=False)
     voice.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")
+    voice.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=60.0,
+        help="audio decoded together in one batch (0: one file at a time)",
+    )
 
     p = argparse.ArgumentParser(
         prog="python -m app.cli",
@@ -213,26 +220,66 @@ def _fail(message: str) -> None:
 
 
 def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int:
+    """Process every job; one failing input never stops the others.
+
+    Decoding (decode, resynth) goes in batches of about ``--batch-seconds`` of audio: the
+    engine generates the segments of every file of a batch side by side, which fills its rows
+    and is several times faster than one file at a time on a folder of short files."""
     failed = 0
-    bar = tqdm(jobs, desc=args.command, unit="file", disable=args.quiet, file=sys.stderr)
-    for job in bar:
+    bar = tqdm(total=len(jobs), desc=args.command, unit="file", disable=args.quiet, file=sys.stderr)
+    batch: list[tuple[Job, DecodeRequest]] = []
+
+    def fail(job: Job, e: BaseException) -> None:
+        nonlocal failed
+        failed += 1
+        if isinstance(e, ValueError | OSError):  # InputError is a ValueError
+            msg = str(e)
+            _fail(msg if str(job.source) in msg else f"{job.source}: {msg}")
+        else:  # an engine failure on one input must not stop the others
+            _fail(f"{job.source}: internal error ({type(e).__name__}: {e})")
+
+    def flush() -> None:
+        if not batch:
+            return
+        label = batch[0][0].source.name + (f" +{len(batch) - 1}" if len(batch) > 1 else "")
+        try:
+            waves = _with_bar(
+                args, label, lambda cb: service.decode_many([r for _, r in batch], cb)
+            )
+        except Exception as e:
+            for job, _ in batch:
+                fail(job, e)
+        else:
+            for (job, _), wave in zip(batch, waves):
+                try:
+                    write_atomically(job.output, _wav_writer(wave, service.sample_rate), args.force)
+                    print(f"{job.source} -> {job.output}", flush=True)
+                except Exception as e:
+                    fail(job, e)
+        bar.update(len(batch))
+        batch.clear()
+
+    for job in jobs:
         bar.set_postfix_str(job.source.name)
         if job.output.exists() and not args.force:
             _fail(f"{job.output}: exists (use --force to overwrite); skipped {job.source}")
             failed += 1
+            bar.update(1)
             continue
         try:
-            process(args, service, job)
-        except (ValueError, OSError) as e:  # InputError is a ValueError
-            msg = str(e)
-            _fail(msg if str(job.source) in msg else f"{job.source}: {msg}")
-            failed += 1
+            request = prepare(args, service, job)
+        except Exception as e:
+            fail(job, e)
+            bar.update(1)
             continue
-        except Exception as e:  # an engine failure on one input must not stop the others
-            _fail(f"{job.source}: internal error ({type(e).__name__}: {e})")
-            failed += 1
+        if request is None:  # encoded and written
+            print(f"{job.source} -> {job.output}", flush=True)
+            bar.update(1)
             continue
-        print(f"{job.source} -> {job.output}", flush=True)
+        batch.append((job, request))
+        if sum(r.n_samples for _, r in batch) >= args.batch_seconds * service.sample_rate:
+            flush()
+    flush()
     bar.close()
     if failed:
         print(f"{failed} of {len(jobs)} input(s) failed", file=sys.stderr)
@@ -240,26 +287,29 @@ def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int
     return EXIT_OK
 
 
-def process(args: argparse.Namespace, service: CodecService, job: Job) -> None:
+def prepare(args: argparse.Namespace, service: CodecService, job: Job) -> DecodeRequest | None:
+    """Encode writes its codes file and returns None; decode and resynth return the checked
+    request to decode in a batch."""
     if args.command == "encode":
         enc = service.encode(str(job.source), args.speaker)
         write_atomically(job.output, enc.codes.write, args.force)
-        return
+        return None
     if args.command == "decode":
         cf = service.read_codes(str(job.source))
-        wave = _with_bar(args, job, lambda cb: service.decode(cf, args.speaker, args.seed, cb))
     else:
-        wave = _with_bar(
-            args, job, lambda cb: service.resynthesize(str(job.source), args.speaker, args.seed, cb)
-        )[1]
-    write_atomically(job.output, lambda p: save_wav(p, wave, service.sample_rate), args.force)
+        cf = service.encode(str(job.source), args.speaker).codes
+    return service.request(cf, args.speaker, args.seed)
 
 
-def _with_bar(args, job: Job, work):
-    """Run ``work(progress_callback)`` under a per-file generation progress bar."""
+def _wav_writer(wave, sample_rate: int) -> Callable[[Path], None]:
+    return lambda path: save_wav(path, wave, sample_rate)
+
+
+def _with_bar(args, label: str, work):
+    """Run ``work(progress_callback)`` under a generation progress bar."""
     with tqdm(
         total=1,
-        desc=f"  {job.source.name}",
+        desc=f"  {label}",
         unit="step",
         leave=False,
         disable=args.quiet,
@@ -281,6 +331,8 @@ def main(argv=None) -> int:
         parser.error(f"--max-seconds must be a positive number, got {args.max_seconds}")
     if getattr(args, "seed", 0) < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not getattr(args, "batch_seconds", 0) >= 0:
+        parser.error(f"--batch-seconds must be >= 0, got {args.batch_seconds}")
     try:
         jobs = plan(args.inputs, args.command, args.out)
     except UsageError as e:

@@ -23,7 +23,7 @@ import numpy as np
 
 from export.audio import AudioError, load_audio
 from export.codes_file import SUFFIX, CodesFile, CodesFileError, ModelRef
-from export.runtime import Codec, ModelDirError
+from export.runtime import Codec, DecodeRequest, ModelDirError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "bundled"
 DEFAULT_MAX_SECONDS = 60.0
@@ -217,6 +217,16 @@ class CodecService:
                 f"but this model has {len(self.speakers)} speakers"
             )
 
+    def request(
+        self, cf: CodesFile, speaker: int | str | None = None, seed: int = 0
+    ) -> DecodeRequest:
+        """The engine's request for decoding ``cf`` after every check (``speaker=None``: the
+        file's); raises `InputError`."""
+        self.check_codes(cf)
+        index = self.speaker_index(speaker, default=cf.speaker_index)
+        codes = np.asarray(cf.codes, dtype=np.int64)
+        return DecodeRequest(codes, index, cf.num_samples, _check_seed(seed))
+
     def decode(
         self,
         cf: CodesFile,
@@ -225,16 +235,14 @@ class CodecService:
         progress: Progress | None = None,
     ) -> np.ndarray:
         """``[num_samples]`` float32 at the model's rate; ``speaker=None``: the file's."""
-        self.check_codes(cf)
-        index = self.speaker_index(speaker, default=cf.speaker_index)
-        seed = _check_seed(seed)
-        return self.codec.decode(
-            np.asarray(cf.codes, dtype=np.int64),
-            index,
-            seed,
-            progress,
-            n_samples=cf.num_samples,
-        )
+        return self.decode_many([self.request(cf, speaker, seed)], progress)[0]
+
+    def decode_many(
+        self, requests: list[DecodeRequest], progress: Progress | None = None
+    ) -> list[np.ndarray]:
+        """Several checked requests (`request`) as one batch: the engine fills its rows with
+        segments of every file, several times faster than one file at a time."""
+        return self.codec.decode_many(requests, progress=progress)
 
     def decode_stream(
         self,
@@ -249,15 +257,9 @@ class CodecService:
         The checks run here, at the call, not at the first ``next()``: a refusal is raised
         before any audio exists (a failure of the engine itself still comes from the iterator).
         """
-        self.check_codes(cf)
-        index = self.speaker_index(speaker, default=cf.speaker_index)
-        seed = _check_seed(seed)
+        req = self.request(cf, speaker, seed)
         return self.codec.decode_stream(
-            np.asarray(cf.codes, dtype=np.int64),
-            index,
-            seed,
-            progress,
-            n_samples=cf.num_samples,
+            req.codes, req.speaker, req.seed, progress, n_samples=req.n_samples
         )
 
     def resynthesize(

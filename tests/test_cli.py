@@ -181,3 +181,40 @@ def test_cli_process_exit_codes_and_help(app_model_dir, app_inputs, tmp_path):
     assert proc.returncode == EXIT_FAILED
     assert "not audio" in proc.stderr and proc.stdout == ""
     assert "torch" not in proc.stderr
+
+
+def test_cli_decodes_a_folder_in_batches_and_names_the_bad_file(
+    app_model_dir, app_inputs, tmp_path, capsys, monkeypatch
+):
+    """A folder of codes files decodes as one batch of ``--batch-seconds`` (one engine call),
+    a bad file among them is named and skipped, and ``--batch-seconds 0`` goes file by file."""
+    from app.service import CodecService
+
+    calls = []
+    real = CodecService.decode_many
+
+    def spy(self, requests, progress=None):
+        calls.append(len(requests))
+        return real(self, requests, progress)
+
+    monkeypatch.setattr(CodecService, "decode_many", spy)
+    folder = tmp_path / "codes"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(app_inputs.codes, folder / f"{name}.vqwc")
+    (folder / "bad.vqwc").write_bytes(b"not a codes file")
+    n = CodesFile.read(app_inputs.codes).num_samples
+
+    assert cli(app_model_dir, "decode", str(folder), "-o", str(tmp_path / "one")) == EXIT_FAILED
+    assert calls == [3]
+    assert "bad.vqwc" in capsys.readouterr().err
+    for name in ("a", "b", "c"):
+        wave, sr = sf.read(tmp_path / "one" / f"{name}.decoded.wav", dtype="int16")
+        assert sr == 16000 and wave.shape == (n,) and np.any(wave)
+
+    calls.clear()
+    out = str(tmp_path / "each")
+    assert cli(app_model_dir, "decode", str(folder), "-o", out, "--batch-seconds", "0") == 1
+    assert calls == [1, 1, 1]
+    alone = sf.read(tmp_path / "each" / "a.decoded.wav", dtype="int16")[0]
+    assert alone.shape == (n,)
