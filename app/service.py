@@ -12,7 +12,6 @@ Torch-free: numpy, onnxruntime, soundfile and soxr only.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -47,17 +46,6 @@ class Encoded:
     wave: np.ndarray  # [n] float32 at the model's rate, as encoded
 
 
-def model_hash(codec: Codec) -> str:
-    """Hash of the weights that give codes their meaning (encoder and conditioner graphs).
-
-    ``model.json`` stores each graph's sha256; the int8 decoder step, if any, decodes the same
-    codes, so it is left out and the fp32 and int8 engines accept each other's files.
-    """
-    files = codec.meta["files"]
-    blob = "\n".join(f"{name}={files[name]}" for name in ("encoder.onnx", "conditioner.onnx"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 class CodecService:
     """A loaded model plus the limits of one deployment.
 
@@ -89,7 +77,7 @@ class CodecService:
         except Exception as e:  # onnxruntime raises its own exception types on a bad graph
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
         self.max_seconds = float(max_seconds)
-        self.model_ref = ModelRef(self.codec.model_id, model_hash(self.codec))
+        self.model_ref = ModelRef(self.codec.model_id, self.codec.codes_hash)
 
     # --- facts about the model ----------------------------------------------------------------
 

@@ -230,6 +230,15 @@ class Codec:
             np.repeat(sizes, sizes),
         )
 
+    @property
+    def codes_hash(self) -> str:
+        """Hash of the weights that give codes their meaning (encoder and conditioner graphs),
+        recorded in codes files. The decoder step (fp32 or int8) decodes the same codes, so it
+        is left out and either engine accepts the other's files."""
+        files = self.meta["files"]
+        blob = "\n".join(f"{name}={files[name]}" for name in ("encoder.onnx", "conditioner.onnx"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     @staticmethod
     def _session(path: Path, threads: int) -> ort.InferenceSession:
         so = ort.SessionOptions()
