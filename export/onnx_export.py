@@ -12,7 +12,8 @@ Graphs (dynamic batch and length axes, exported with a batch of 2):
 * ``decoder_warmup.onnx``: ``prev [B, T]``, ``cond [B, C, L*2G]``, ``index [B, T]`` ->
   ``state [B, sum((k-1) d_i), R]``, the rings after ``T`` warm-up steps computed in parallel
   (`DecoderStep.warm`); the runtime starts each folded segment with it.
-* ``decoder_step.int8.onnx`` with ``--int8``: dynamically quantised weights; the export prints
+* ``decoder_step.int8.onnx``, ``decoder_warmup.int8.onnx`` with ``--int8``: dynamically
+  quantised weights; the export prints
   its teacher-forced cross-entropy against fp32 on held-out clips.
 
 ``model.json`` holds the resolved model config, the geometry's layer specs (the runtime rebuilds
@@ -45,7 +46,10 @@ from model.geometry import CodecGeometry
 FORMAT = "vqwavenet-onnx"
 VERSION = 1
 FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx", "decoder_warmup.onnx")
-INT8_FILE = "decoder_step.int8.onnx"
+INT8_FILES = {
+    "decoder_step.onnx": "decoder_step.int8.onnx",
+    "decoder_warmup.onnx": "decoder_warmup.int8.onnx",
+}
 OPSET = 20
 TIE = 1e-5  # float32 distance ties below which two codes may legitimately differ
 TOLERANCE = 1e-4
@@ -237,21 +241,23 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
 
 
 def quantize_int8(out: Path) -> None:
-    """Dynamically quantised (int8 weights, per-call activation scales) copy of the step."""
+    """Dynamically quantised (int8 weights, per-call activation scales) copies of the step and
+    the warm-up (2.5x faster at `default`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
-        quantize_dynamic(
-            str(out / FILES[2]),
-            str(out / INT8_FILE),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
-        )
+    for fp32, int8 in INT8_FILES.items():
+        with _quiet():
+            quantize_dynamic(
+                str(out / fp32),
+                str(out / int8),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+            )
 
 
 def write_metadata(model: Autoencoder, speakers: list[str], out: Path, extra: dict) -> dict:
     cfg = model.cfg
-    files = [f for f in (*FILES, INT8_FILE) if (out / f).is_file()]
+    files = [f for f in (*FILES, *INT8_FILES.values()) if (out / f).is_file()]
     hashes = {f: sha256(out / f) for f in files}
     config = to_dict(cfg)
     model_id = hashlib.sha256(
@@ -387,7 +393,8 @@ def export_model(
     if int8:
         quantize_int8(out)
     else:
-        (out / INT8_FILE).unlink(missing_ok=True)
+        for name in INT8_FILES.values():
+            (out / name).unlink(missing_ok=True)
     meta = write_metadata(model, speakers, out, extra)
     if int8 and quality_waves:
         meta["int8_quality"] = int8_quality(out, quality_waves, quality_samples)

@@ -50,6 +50,7 @@ FORMAT = "vqwavenet-onnx"
 VERSION = 1
 _LAYERS = {"Conv": Conv, "Upsample": Upsample}
 WARM_FILE = "decoder_warmup.onnx"
+WARM_INT8_FILE = "decoder_warmup.int8.onnx"
 
 
 class ModelDirError(ValueError):
@@ -158,7 +159,8 @@ class Codec:
 
     Args:
         model_dir: directory with ``model.json`` and the graphs.
-        int8: use ``decoder_step.int8.onnx`` (exported with ``--int8``).
+        int8: use the int8 graphs (``decoder_step.int8.onnx`` and, where exported,
+            ``decoder_warmup.int8.onnx``; ``python -m export --int8``).
         workers: generation threads (default: 2, or 1 on a single core).
         threads: intra-op threads of the encoder and conditioner (default: all cores).
         check_hashes: verify every file against ``model.json``'s sha256.
@@ -190,8 +192,9 @@ class Codec:
         self.meta = meta
         step_file = "decoder_step.int8.onnx" if int8 else "decoder_step.onnx"
         needed = ["encoder.onnx", "conditioner.onnx", step_file]
-        if WARM_FILE in meta["files"]:  # absent from model directories exported before it
-            needed.append(WARM_FILE)
+        warm_file = WARM_INT8_FILE if int8 and WARM_INT8_FILE in meta["files"] else WARM_FILE
+        if warm_file in meta["files"]:  # absent from model directories exported before it
+            needed.append(warm_file)
         for name in needed:
             path = self.dir / name
             if name not in meta["files"] or not path.is_file():
@@ -204,7 +207,7 @@ class Codec:
         self._encoder = self._session(self.dir / "encoder.onnx", threads)
         self._conditioner = self._session(self.dir / "conditioner.onnx", threads)
         self._step = self._session(self.dir / step_file, 1)
-        self._warm = self._session(self.dir / WARM_FILE, 1) if WARM_FILE in needed else None
+        self._warm = self._session(self.dir / warm_file, 1) if warm_file in needed else None
         self.parallel_warmup = self._warm is not None
         self.int8 = int8
         self.model_id: str = meta["model_id"]

@@ -94,6 +94,7 @@ def test_export_writes_graphs_with_hashes_and_geometry(tiny):
         assert on_disk["files"][name] == sha256(out / name)
     assert on_disk["verification"]["warmup_state_max_abs"] < 1e-4
     assert not (out / "decoder_step.int8.onnx").exists()
+    assert not (out / "decoder_warmup.int8.onnx").exists()
     assert on_disk["hop"] == model.geometry.hop
     assert on_disk["codebook_size"] == model.cfg.quantizer.codebook_size
     assert on_disk["speakers"] == [f"spk{i}" for i in range(model.cfg.decoder.n_speakers)]
@@ -317,7 +318,8 @@ def test_cli_exports_int8_and_prints_its_quality(tmp_path, capsys):
     meta = json.loads((out / "model.json").read_text())
     q = meta["int8_quality"]
     assert meta["notice"] == "random weights"
-    assert meta["files"]["decoder_step.int8.onnx"] == sha256(out / "decoder_step.int8.onnx")
+    for name in ("decoder_step.int8.onnx", "decoder_warmup.int8.onnx"):
+        assert meta["files"][name] == sha256(out / name)
     assert q["samples"] == 3 * 1500 and abs(q["ce_increase"]) < 0.05
     assert export_main(args) == 1  # no overwrite without --force
     assert "--force" in capsys.readouterr().err

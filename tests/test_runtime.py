@@ -287,3 +287,17 @@ def test_closing_a_decode_stream_stops_its_workers(tiny):
     while any(t.name.startswith("vqwavenet-") for t in threading.enumerate()):
         assert time.monotonic() < deadline, "decoding threads still running after close()"
         time.sleep(0.01)
+
+
+def test_int8_engine_uses_the_int8_warm_up_and_stays_close(tmp_path):
+    """``--int8`` also quantises the warm-up graph; the int8 engine loads it and its
+    teacher-forced outputs stay close to fp32 (the export's quality check measures the CE)."""
+    ckpt = make_checkpoint(tmp_path / "m.pt", "tiny", seed=7)
+    model, speakers, _ = load_checkpoint(ckpt)
+    export_model(model, speakers, tmp_path / "q", int8=True)
+    fp32, int8 = Codec(tmp_path / "q"), Codec(tmp_path / "q", int8=True)
+    assert Path(int8._warm._model_path).name == "decoder_warmup.int8.onnx"
+    assert Path(fp32._warm._model_path).name == "decoder_warmup.onnx"
+    wave = clip("activated", 3000)
+    a, b = fp32.cross_entropy([wave]), int8.cross_entropy([wave])
+    assert a != b and abs(a - b) < 0.05
