@@ -37,6 +37,9 @@ def get_parser() -> argparse.ArgumentParser:
         default="50mb",
         help="largest upload, e.g. 50mb (a minute of 48 kHz stereo float is 23 MB)",
     )
+    p.add_argument(
+        "--int8", action="store_true", help="decode with the int8 graphs (export --int8): faster"
+    )
     p.add_argument("--concurrency", type=int, default=2, help="requests run at once")
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting at most")
     p.add_argument("--share", action="store_true", help="also open a public Gradio link")
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        service = CodecService(args.model, max_seconds=args.max_seconds)
+        service = CodecService(args.model, max_seconds=args.max_seconds, int8=args.int8)
     except ModelLoadError as e:
         return fatal(str(e))
     from app.ui import serve  # gradio is slow to import: only after the model loads

@@ -74,6 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="longest audio accepted (and longest a codes file may decode to), seconds",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--int8", action="store_true", help="decode with the int8 graphs (export --int8): faster"
+    )
     voice = argparse.ArgumentParser(add_help=False)
     voice.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")
     voice.add_argument(
@@ -339,7 +342,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        service = CodecService(args.model, max_seconds=args.max_seconds)
+        service = CodecService(args.model, max_seconds=args.max_seconds, int8=args.int8)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_MODEL

@@ -53,6 +53,8 @@ class CodecService:
         model_dir: an exported model directory (``python -m export``).
         max_seconds: longest accepted audio, and longest audio a codes file may decode to.
         workers: generation threads of the engine (default: its own choice).
+        int8: decode with the int8 graphs (``python -m export --int8``; faster, slightly
+            less exact).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class CodecService:
         *,
         max_seconds: float = DEFAULT_MAX_SECONDS,
         workers: int | None = None,
+        int8: bool = False,
     ):
         if not (math.isfinite(max_seconds) and max_seconds > 0):
             raise ValueError(f"max_seconds must be a positive number, got {max_seconds}")
@@ -71,7 +74,7 @@ class CodecService:
                 f"`python -m export --checkpoint CKPT --out {self.model_dir}` or pass --model DIR"
             )
         try:
-            self.codec = Codec(self.model_dir, workers=workers)
+            self.codec = Codec(self.model_dir, workers=workers, int8=int8)
         except (ModelDirError, KeyError, ValueError, OSError) as e:
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
         except Exception as e:  # onnxruntime raises its own exception types on a bad graph

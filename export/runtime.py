@@ -198,7 +198,8 @@ class Codec:
         for name in needed:
             path = self.dir / name
             if name not in meta["files"] or not path.is_file():
-                raise ModelDirError(f"{self.dir}: missing {name}")
+                hint = " (export with --int8)" if "int8" in name else ""
+                raise ModelDirError(f"{self.dir}: missing {name}{hint}")
             if check_hashes and file_sha256(path) != meta["files"][name]:
                 raise ModelDirError(f"{path}: sha256 differs from model.json (corrupt or edited)")
         cores = os.cpu_count() or 1

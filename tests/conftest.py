@@ -54,7 +54,7 @@ def app_model_dir(tmp_path_factory) -> Path:
         ckpt,
     )
     out = root / "model"
-    assert export_main(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--int8"]) == 0
     meta_path = out / "model.json"
     meta = json.loads(meta_path.read_text())
     meta["notice"] = APP_NOTICE

@@ -218,3 +218,17 @@ def test_cli_decodes_a_folder_in_batches_and_names_the_bad_file(
     assert calls == [1, 1, 1]
     alone = sf.read(tmp_path / "each" / "a.decoded.wav", dtype="int16")[0]
     assert alone.shape == (n,)
+
+
+def test_cli_int8_decodes_and_needs_an_int8_export(app_model_dir, app_inputs, tmp_path, capsys):
+    out = tmp_path / "q.wav"
+    assert cli(app_model_dir, "decode", str(app_inputs.codes), "--int8", "-o", str(out)) == 0
+    n = CodesFile.read(app_inputs.codes).num_samples
+    assert sf.read(out, dtype="int16")[0].shape == (n,)
+    plain = tmp_path / "plain"
+    shutil.copytree(app_model_dir, plain)
+    for name in ("decoder_step.int8.onnx", "decoder_warmup.int8.onnx"):
+        (plain / name).unlink()
+    args = ("decode", str(app_inputs.codes), "--int8", "-o", str(tmp_path / "x.wav"))
+    assert cli(plain, *args) == EXIT_MODEL
+    assert "missing decoder_step.int8.onnx (export with --int8)" in capsys.readouterr().err
