@@ -14,6 +14,8 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
 * ``onnx_batch<N>``: ``--files`` files of ``--seconds`` each in one `Codec.decode_many` call
   (a folder through the CLI, or the app's concurrent requests): enough segments to fill
   every worker's batch.
+* ``stream_first_audio``: seconds from `Codec.decode_stream` on one ``--seconds`` file to its
+  first chunk (what a listener of the app's Decode tab waits), fp32.
 * ``encode``: `Codec.encode` (chunked, batched) on ``--encode-seconds`` of speech.
 
 Each decoding row gives samples/s and the speed as a multiple of real time (>1: faster than
@@ -146,6 +148,19 @@ def onnx_decode(codec: Codec, n: int, folded: bool, files: int = 1) -> float:
     return files * n / (time.perf_counter() - t)
 
 
+def first_audio_seconds(codec: Codec, n: int) -> float:
+    """Wall time until `decode_stream` yields its first chunk (then the stream is closed)."""
+    f = codec.geometry.padding(n)[2]
+    codes = np.random.default_rng(0).integers(0, codec.codebook_size, f)
+    codec.decode(codes[: codec.cond_kernel + 8], seed=0)  # warm the sessions
+    t = time.perf_counter()
+    stream = codec.decode_stream(codes, seed=1, n_samples=n, interval=0.01)
+    next(stream)
+    elapsed = time.perf_counter() - t
+    stream.close()
+    return elapsed
+
+
 def encode_speed(codec: Codec, seconds: float) -> float:
     x = speech(seconds, codec.sample_rate)
     codec.encode(x[: codec.sample_rate])
@@ -196,6 +211,14 @@ def run_config(config: str, args, machine: float, emit) -> None:
         emit(
             {
                 "config": config,
+                "method": "stream_first_audio",
+                "precision": "fp32",
+                "seconds": round(first_audio_seconds(codec, n), 3),
+            }
+        )
+        emit(
+            {
+                "config": config,
                 "method": "encode",
                 "precision": "fp32",
                 "realtime": round(encode_speed(codec, args.encode_seconds), 1),
@@ -209,6 +232,8 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "seconds" in r:  # stream_first_audio: a latency, not a rate
+            r = {**r, "realtime": f"first audio after {r['seconds']} s"}
         lines.append(
             f"| {r['config']} | {r['method']} | {r['precision']} | {r.get('samples_per_s', '')} "
             f"| {r['realtime']} | {r.get('macs_per_sample', '')} "

@@ -18,9 +18,13 @@ def test_generation_benchmark_prints_every_method_and_a_table(capsys):
     for method in ("onnx_batch1", "onnx_folded_2w", "onnx_batch3"):
         assert {(method, "fp32"), (method, "int8")} <= got
     assert {("naive_torch", "fp32"), ("incremental_torch", "fp32"), ("encode", "fp32")} <= got
-    decoding = [r for r in rows[1:] if r["method"] != "encode"]
+    decoding = [r for r in rows[1:] if "samples_per_s" in r]
+    assert len(decoding) == 9  # 2 PyTorch rows, 4 fp32 and 3 int8 onnx rows
     assert all(r["samples_per_s"] > 0 and r["macs_per_sample"] == 4352 for r in decoding)
     assert "| tiny | onnx_batch3 | int8 |" in out
+    (first,) = [r for r in rows if r["method"] == "stream_first_audio"]
+    assert 0 < first["seconds"] < 30
+    assert "first audio after" in out
 
 
 def test_generation_benchmark_refuses_bad_arguments(capsys):
