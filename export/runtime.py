@@ -370,9 +370,14 @@ class Codec:
 
     @property
     def min_segment(self) -> int:
-        """Shortest automatic segment: each costs ``wavenet_context`` warm-up steps and one
-        cross-fade, so shorter ones would spend more on joins than on audio."""
-        return max(4 * self.context, self.sample_rate // 2)
+        """Shortest automatic segment (a quarter second, at least the receptive field).
+
+        Each segment costs one parallel warm-up and one cross-fade, and starts from silence:
+        teacher-forced, the bundled model recovers from that within ~80 samples, and quarter-
+        second segments with a one-hop overlap cost +0.0001 nats/sample
+        (``python -m benchmarks.fold_quality``; check your own model there). One 8 s file
+        then gives 32 segments, enough for two workers."""
+        return max(self.context, self.sample_rate // 4)
 
     def auto_segment(self, total_samples: int) -> int:
         """Segment length that gives every worker `target_streams` rows for ``total_samples``
@@ -582,6 +587,54 @@ class Codec:
             conds.append(cond)
             offset += len(cond)
         return self._run(streams, np.concatenate(conds), None)
+
+    def folded_nll(
+        self,
+        waves: Sequence[np.ndarray],
+        speaker: int | str = 0,
+        *,
+        segment: int,
+        overlap: int | None = None,
+    ) -> list[np.ndarray]:
+        """What folding costs, teacher-forced: per utterance, the NLL ``[n]`` of each true
+        sample under `decode`'s schedule. Segment ``k`` starts from silence at
+        ``a_k - overlap`` as in decoding, is then fed the true samples, and owns
+        ``[a_k, b_k)``; compare with `teacher_forced` (full context) to see how long the model
+        needs to recover from a segment start (``benchmarks/fold_quality.py``)."""
+        overlap = self.hop if overlap is None else overlap
+        zero = mulaw_encode(np.zeros(1), self.q)[0]
+        conds, streams, plans, offset = [], [], [], 0
+        for r, w in enumerate(waves):
+            x = self.to_model_rate(w)
+            left, right, n_frames = self.geometry.padding(len(x))
+            padded = np.pad(x, (left, right))
+            cond = self.condition(self.encode_padded(padded, n_frames), speaker)
+            classes = mulaw_encode(padded, self.q)
+            bounds = self._segments(len(x), segment, overlap)
+            plans.append((len(x), bounds, len(streams)))
+            for k, (a, b) in enumerate(bounds):
+                g = a - (overlap if k > 0 else 0)
+                true_prev = classes[left + g : left + b - 1]  # samples g .. b-2 feed g+1 .. b-1
+                streams.append(
+                    _Stream(
+                        request=r,
+                        tau0=left + g - self.context,
+                        length=b - g,
+                        cond_offset=offset,
+                        cond_count=len(cond),
+                        seed=(0, r),
+                        forced=np.concatenate([np.full(self.context + 1, zero), true_prev]),
+                        targets=classes[left + g : left + b],
+                    )
+                )
+            conds.append(cond)
+            offset += len(cond)
+        nll = self._run(streams, np.concatenate(conds), None)
+        outs = []
+        for _, bounds, first in plans:
+            owned = [nll[first + k][(overlap if k > 0 else 0) :] for k in range(len(bounds))]
+            outs.append(np.concatenate(owned))
+        return outs
 
     def cross_entropy(self, waves: Sequence[np.ndarray], speaker: int | str = 0) -> float:
         """Teacher-forced cross-entropy (nats/sample) over all samples of the utterances."""

@@ -301,3 +301,25 @@ def test_int8_engine_uses_the_int8_warm_up_and_stays_close(tmp_path):
     wave = clip("activated", 3000)
     a, b = fp32.cross_entropy([wave]), int8.cross_entropy([wave])
     assert a != b and abs(a - b) < 0.05
+
+
+def test_folded_nll_recovers_full_context_after_one_receptive_field(tiny):
+    """A segment started from silence sees the true past only after ``wavenet_context``
+    samples: from then on (and everywhere once the overlap covers it) its teacher-forced NLL
+    equals full context; just after a segment start it differs (the control)."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    wave = clip("agent-newlocation", 6000)
+    full = codec.teacher_forced([wave], speaker=1, logits=False)[0]
+    one = codec.folded_nll([wave], speaker=1, segment=len(wave) + 1)[0]
+    np.testing.assert_allclose(one, full, atol=1e-5, rtol=0)
+    ctx = codec.context
+    starts = [a for a, _ in codec._segments(len(wave), 1000, 0)[1:]]
+    cold = codec.folded_nll([wave], speaker=1, segment=1000, overlap=0)[0]
+    settled = np.ones(len(wave), dtype=bool)
+    for a in starts:
+        settled[a : a + ctx] = False
+    np.testing.assert_allclose(cold[settled], full[settled], atol=1e-5, rtol=0)
+    assert np.abs(cold[~settled] - full[~settled]).max() > 1e-3
+    warm = codec.folded_nll([wave], speaker=1, segment=1000, overlap=ctx)[0]
+    np.testing.assert_allclose(warm, full, atol=1e-5, rtol=0)
