@@ -23,6 +23,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@torch.compiler.disable  # inductor (torch 2.11, CPU) types the symbolic epoch term as float
 def uniform_hash(seed: int, epoch: int, utt: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Uniform floats in [0, 1), one per element of the broadcast of ``utt`` and ``k``."""
     h = _mix32(torch.as_tensor(k, dtype=torch.int64) + 0x9E3779B9)

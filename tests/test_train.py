@@ -431,3 +431,21 @@ def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
     assert math.isfinite(loss16) and abs(loss16 - loss32) < 2e-2 * loss32
     cosine = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
     assert 0.9 < cosine < 1.0  # bf16 changes the numbers (the autocast was active) but not much
+
+
+def test_compiled_training_steps_equal_eager_ones(data, tmp_path):
+    """``train.compile = true`` (torch.compile, on CPU here) trains the same function: two
+    steps give the eager run's parameters, codebook and losses up to float reordering."""
+    runs = {}
+    for compile_ in (False, True):
+        cfg = tiny_train_config(tmp_path / f"c{compile_}.toml", compile=compile_)
+        trainer = _trainer(cfg, data, tmp_path / f"run{compile_}")
+        losses = [trainer.train_step()["loss/total"] for _ in range(2)]
+        runs[compile_] = (losses, copy.deepcopy(trainer.model.state_dict()))
+    (eager_losses, eager), (compiled_losses, compiled) = runs[False], runs[True]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    for name, value in eager.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, compiled[name], atol=1e-5, rtol=1e-4), name
+        else:
+            assert torch.equal(value, compiled[name]), name

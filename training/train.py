@@ -186,10 +186,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
 
         self.forward_model: torch.nn.Module = self.model
-        if cfg.compile and self.device.type != "cuda":
-            # torch 2.11's inductor emits C++ that does not build for this model on CPU.
-            log("note: train.compile is ignored on CPU")
-        elif cfg.compile:
+        if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
             self.forward_model = torch.compile(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
