@@ -433,9 +433,12 @@ def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
     assert 0.9 < cosine < 1.0  # bf16 changes the numbers (the autocast was active) but not much
 
 
-def test_compiled_training_steps_equal_eager_ones(data, tmp_path):
+def test_compiled_training_steps_equal_eager_ones(data, tmp_path, monkeypatch):
     """``train.compile = true`` (torch.compile, on CPU here) trains the same function: two
     steps give the eager run's parameters, codebook and losses up to float reordering."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "compile_threads", 1)  # no worker pool left behind
     runs = {}
     for compile_ in (False, True):
         cfg = tiny_train_config(tmp_path / f"c{compile_}.toml", compile=compile_)
