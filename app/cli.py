@@ -198,6 +198,7 @@ def write_atomically(target: Path, write: Callable[[Path], None], force: bool) -
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     try:
         write(Path(tmp))
         if force:
@@ -216,6 +217,12 @@ def write_atomically(target: Path, write: Callable[[Path], None], force: bool) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fail(message: str) -> None:

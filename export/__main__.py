@@ -20,7 +20,11 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--int8", action="store_true", help="also write int8 copies of the decoder step and warm-up graphs")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write int8 copies of the decoder step and warm-up graphs",
+    )
     p.add_argument(
         "--eval-wav",
         action="append",

@@ -232,3 +232,14 @@ def test_cli_int8_decodes_and_needs_an_int8_export(app_model_dir, app_inputs, tm
     args = ("decode", str(app_inputs.codes), "--int8", "-o", str(tmp_path / "x.wav"))
     assert cli(plain, *args) == EXIT_MODEL
     assert "missing decoder_step.int8.onnx (export with --int8)" in capsys.readouterr().err
+
+
+def test_cli_outputs_get_the_usual_file_mode(app_model_dir, app_inputs, tmp_path):
+    """Outputs are written aside and renamed; they must not keep the temporary file's 0600."""
+    out = tmp_path / "speech.vqwc"
+    old = os.umask(0o022)
+    try:
+        assert cli(app_model_dir, "encode", str(app_inputs.clip), "-o", str(out)) == EXIT_OK
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
