@@ -373,7 +373,7 @@ class Codec:
         """Shortest automatic segment (a quarter second, at least the receptive field).
 
         Each segment costs one parallel warm-up and one cross-fade, and starts from silence:
-        teacher-forced, the bundled model recovers from that within ~80 samples, and quarter-
+        teacher-forced, the bundled model recovers from that within ~320 samples, and quarter-
         second segments with a one-hop overlap cost +0.0001 nats/sample
         (``python -m benchmarks.fold_quality``; check your own model there). One 8 s file
         then gives 32 segments, enough for two workers."""
