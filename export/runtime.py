@@ -488,13 +488,13 @@ class Codec:
         for r, (req, n, cond) in enumerate(zip(requests, lengths, conds)):
             bounds = self._segments(n, segment, overlap)
             plans.append((n, bounds, overlap, len(streams)))
-            for k, (a, _) in enumerate(bounds):
+            for k, (a, b) in enumerate(bounds):
                 g = a - (overlap if k > 0 else 0)
                 streams.append(
                     _Stream(
                         request=r,
                         tau0=self.geometry.pad_left + g - self.context,
-                        length=bounds[k][1] - g,
+                        length=b - g,
                         cond_offset=offset,
                         cond_count=len(cond),
                         seed=(int(req.seed), k),
@@ -792,12 +792,9 @@ class Codec:
         run, every = self._step.run, np.arange(b)
         s = 0
         while (sid >= 0).any() and not live.cancelled:
-            busy = (sid >= 0) & (start <= s)
-            if not busy.any():
-                s = int(start[sid >= 0].min())
-                continue
-            rows = every if busy.all() else np.flatnonzero(busy)
-            whole = len(rows) == b
+            busy = sid >= 0  # a row loaded at step s starts at s + 1 (or earlier, warm)
+            whole = bool(busy.all())
+            rows = every if whole else np.flatnonzero(busy)
             local = s - start[rows]
             ci = cidx[rows, local]
             changed = np.flatnonzero(ci != crow[rows])  # a row changes once per hop
@@ -839,7 +836,6 @@ class Codec:
                         live.results[i] = out[row, : streams[i].length].copy()
                         live.partial[i] = None
                         load(row, s + 1)
-                    for row in rows:
-                        if sid[row] >= 0 and start[row] <= s:
-                            live.partial[sid[row]] = (out[row], max(0, s - start[row] - ctx + 1))
+                    for row in np.flatnonzero(sid >= 0):  # produced: 0 until the warm-up ends
+                        live.partial[sid[row]] = (out[row], max(0, s - start[row] - ctx + 1))
             s += 1
