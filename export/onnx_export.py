@@ -7,13 +7,16 @@ Graphs (dynamic batch and length axes, exported with a batch of 2):
 * ``encoder.onnx``: ``wave [B, L]`` (padded utterances) -> ``codes [B, F]``, MFCC inside.
 * ``conditioner.onnx``: ``codes [B, F]``, ``speaker [B]`` -> ``cond [B, L*2G, F - k + 1]``,
   per-layer gate conditioning at 50 Hz (constant biases folded in, see `DecoderStep`).
-* ``decoder_step.onnx``: ``prev [B]``, ``past [L, B, (k-1)R]``, ``cond [B, L*2G]``,
-  ``noise [B]`` -> ``sample [B]``, ``logits [B, Q]``, ``current [B, L*R]`` (`DecoderStep`).
+* ``decoder_step.onnx``: ``prev [B]``, ``noise [B]``, ``past.{i}.{j} [B, R]`` (layer ``i``'s
+  input at ``tau - j d_i``), ``cond.{i} [B, 2G]`` -> ``sample [B]``, ``logits [B, Q]``,
+  ``current.{i} [B, R]`` (`DecoderStep.layers`): one tensor per ring slot, so the runtime binds
+  them in place.
 * ``decoder_warmup.onnx``: ``prev [B, T]``, ``cond [B, C, L*2G]``, ``index [B, T]`` ->
   ``state [B, sum((k-1) d_i), R]``, the rings after ``T`` warm-up steps computed in parallel
   (`DecoderStep.warm`); the runtime starts each folded segment with it.
 * ``decoder_step.int8.onnx``, ``decoder_warmup.int8.onnx`` with ``--int8``: dynamically
-  quantised weights; the export prints
+  quantised weights (the step from its unfused form: onnxruntime quantises ``MatMul``, not
+  ``Gemm``); the export prints
   its teacher-forced cross-entropy against fp32 on held-out clips.
 
 ``model.json`` holds the resolved model config, the geometry's layer specs (the runtime rebuilds
@@ -30,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,14 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.runtime import FORMAT, VERSION, step_names
 from export.runtime import file_sha256 as sha256
 from model.autoencoder import Autoencoder
 from model.config import ModelConfig, from_dict, to_dict
 from model.decoder_step import DecoderStep
 from model.geometry import CodecGeometry
 
-FORMAT = "vqwavenet-onnx"
-VERSION = 1
 FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx", "decoder_warmup.onnx")
 INT8_FILES = {
     "decoder_step.onnx": "decoder_step.int8.onnx",
@@ -85,13 +88,27 @@ class ConditionerGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    def __init__(self, step: DecoderStep):
-        super().__init__()
-        self.step = step
+    """`DecoderStep.layers` with flat arguments: ``prev, noise, *past, *cond`` (`step_names`)."""
 
-    def forward(self, prev, past, cond, noise):
-        out = self.step(prev, past, cond, noise)
-        return out.sample, out.logits, out.current
+    def __init__(self, step: DecoderStep, fused: bool = True):
+        super().__init__()
+        self.step, self.fused = step, fused
+
+    def forward(self, prev, noise, *tensors):
+        n_past = self.step.n_layers * (self.step.kernel - 1)
+        past, cond = tensors[:n_past], tensors[n_past:]
+        sample, logits, current = self.step.layers(prev, past, cond, noise, fused=self.fused)
+        return (sample, logits, *current)
+
+
+def step_feeds(step: DecoderStep, prev, past, cond, noise) -> dict[str, np.ndarray]:
+    """The step graph's inputs from `DecoderStep.forward`'s stacked arguments."""
+    r, g, taps = step.residual_channels, step.gate, step.kernel - 1
+    names = step_names(step.n_layers, step.kernel)
+    values = [prev, noise]
+    values += [p[:, t * r : (t + 1) * r] for p in past for t in range(taps)]
+    values += list(cond.split(2 * g, 1))
+    return {k: v.contiguous().numpy() for k, v in zip(names["inputs"], values)}
 
 
 class WarmGraph(nn.Module):
@@ -197,6 +214,20 @@ def example_inputs(model: Autoencoder, step: DecoderStep, batch: int = 2, frames
     return wave, (codes, speaker), (prev, past, cond, noise), warm
 
 
+def export_step(step: DecoderStep, step_args: tuple, path: Path, *, fused: bool) -> None:
+    names = step_names(step.n_layers, step.kernel)
+    feeds = step_feeds(step, *step_args)
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    _export(
+        StepGraph(step, fused),
+        args,
+        path,
+        names["inputs"],
+        names["outputs"],
+        {name: {0: "batch"} for name in names["inputs"] + names["outputs"]},
+    )
+
+
 def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
     """Write the three fp32 graphs into ``out``; returns the step module they came from."""
     model = model.eval()
@@ -219,15 +250,7 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
         ["cond"],
         {"codes": {0: "batch", 1: "frames"}, "speaker": batch, "cond": {0: "batch", 2: "slots"}},
     )
-    names = ["prev", "past", "cond", "noise", "sample", "logits", "current"]
-    _export(
-        StepGraph(step),
-        step_args,
-        out / FILES[2],
-        names[:4],
-        names[4:],
-        {**{name: batch for name in names}, "past": {1: "batch"}},
-    )
+    export_step(step, step_args, out / FILES[2], fused=True)
     steps = {0: "batch", 1: "steps"}
     _export(
         WarmGraph(step),
@@ -240,19 +263,23 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
     return step
 
 
-def quantize_int8(out: Path) -> None:
+def quantize_int8(model: Autoencoder, step: DecoderStep, out: Path) -> None:
     """Dynamically quantised (int8 weights, per-call activation scales) copies of the step and
-    the warm-up (2.5x faster at `default`)."""
+    the warm-up (2.5x faster at `default`). The step is quantised from its unfused form."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for fp32, int8 in INT8_FILES.items():
-        with _quiet():
-            quantize_dynamic(
-                str(out / fp32),
-                str(out / int8),
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul"],
-            )
+    with tempfile.TemporaryDirectory() as tmp:
+        unfused = Path(tmp) / FILES[2]
+        export_step(step, example_inputs(model, step)[2], unfused, fused=False)
+        sources = {FILES[2]: unfused, FILES[3]: out / FILES[3]}
+        for fp32, int8 in INT8_FILES.items():
+            with _quiet():
+                quantize_dynamic(
+                    str(sources[fp32]),
+                    str(out / int8),
+                    weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul"],
+                )
 
 
 def write_metadata(model: Autoencoder, speakers: list[str], out: Path, extra: dict) -> dict:
@@ -330,11 +357,10 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
         ref_warm = step.warm(*warm_args)
     cond = _session(out / FILES[1]).run(None, {"codes": codes.numpy(), "speaker": speaker.numpy()})
     errors["conditioner_max_abs"] = _max_err(cond[0], ref_cond)
-    names = ("prev", "past", "cond", "noise")
-    feeds = {k: v.numpy() for k, v in zip(names, step_args)}
-    sample, logits, current = _session(out / FILES[2]).run(None, feeds)
+    feeds = step_feeds(step, *step_args)
+    sample, logits, *current = _session(out / FILES[2]).run(None, feeds)
     errors["step_logits_max_abs"] = _max_err(logits, ref.logits)
-    errors["step_current_max_abs"] = _max_err(current, ref.current)
+    errors["step_current_max_abs"] = _max_err(np.concatenate(current, 1), ref.current)
     # The class may differ only where the noise sits on a CDF boundary within tolerance.
     cdf = torch.softmax(ref.logits.double(), 1).cumsum(1)
     near = (cdf - step_args[3].double()[:, None]).abs().min(1).values < TOLERANCE
@@ -391,7 +417,7 @@ def export_model(
     errors = verify(model, step, out)
     extra = {"verification": errors, **({"notice": notice} if notice else {})}
     if int8:
-        quantize_int8(out)
+        quantize_int8(model, step, out)
     else:
         for name in INT8_FILES.values():
             (out / name).unlink(missing_ok=True)

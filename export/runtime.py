@@ -10,19 +10,21 @@ only (valid convolutions), so a chunk of frames cut with the geometry's sample r
 codes of whole-file encoding with bounded memory, and chunks are batched.
 
 Decoding is incremental: one `decoder_step.onnx` call per sample for a batch of streams, with
-per-layer ring buffers of past layer inputs in numpy. A long utterance is folded into segments
-generated side by side as one batch and cross-faded over ``overlap`` samples; each segment
-starts from silence (its rings are warmed on ``wavenet_context`` zero-input steps, exactly as
-the first segment starts from the utterance's zero padding). Several requests share the batch,
-and the segment length adapts to it (`Codec.auto_segment`): enough rows to keep the matrix
-products efficient, never segments so short that joins dominate. Streams are split between up
-to ``workers`` threads, each calling onnxruntime with one intra-op thread (see `Codec` for when
-a second worker pays); a worker runs at most `Codec.max_rows` rows and a row that finishes its
-stream takes the next from the worker's queue. `Codec.decode_stream` yields the audio as it
-becomes final. Sampling noise comes from ``numpy.random.default_rng([seed, segment])`` per
-stream, so a call is reproducible for a seed (bit-identical for the same requests and settings;
-batching a file with others changes the batch shape of the matrix products, which may change
-the last bits and so the draw).
+per-layer ring buffers of past layer inputs in numpy. The step graph takes one tensor per ring
+slot it reads and writes one per layer, so onnxruntime reads the taps from the rings and writes
+the current inputs into them in place (I/O binding; no copies into or out of a stacked array). A
+long utterance is folded into segments generated side by side as one batch and cross-faded over
+``overlap`` samples; each segment starts from silence (its rings are warmed on
+``wavenet_context`` zero-input steps, exactly as the first segment starts from the utterance's
+zero padding). Several requests share the batch, and the segment length adapts to it
+(`Codec.auto_segment`): enough rows to keep the matrix products efficient, never segments so
+short that joins dominate. Streams are split between up to ``workers`` threads, each calling
+onnxruntime with one intra-op thread (see `Codec` for when a second worker pays); a worker runs
+at most `Codec.max_rows` rows and a row that finishes its stream takes the next from the
+worker's queue. `Codec.decode_stream` yields the audio as it becomes final. Sampling noise comes
+from ``numpy.random.default_rng([seed, segment])`` per stream, so a call is reproducible for a
+seed (bit-identical for the same requests and settings; batching a file with others changes the
+batch shape of the matrix products, which may change the last bits and so the draw).
 
 Only ``model.geometry`` (pure numpy) is imported from the model package, to rebuild the codec's
 geometry from the layer specs in ``model.json``.
@@ -47,7 +49,7 @@ import soxr
 from model.geometry import CodecGeometry, Conv, Upsample
 
 FORMAT = "vqwavenet-onnx"
-VERSION = 1
+VERSION = 2  # 2: the step graph takes one tensor per ring slot (`step_names`)
 _LAYERS = {"Conv": Conv, "Upsample": Upsample}
 WARM_FILE = "decoder_warmup.onnx"
 WARM_INT8_FILE = "decoder_warmup.int8.onnx"
@@ -55,6 +57,30 @@ WARM_INT8_FILE = "decoder_warmup.int8.onnx"
 
 class ModelDirError(ValueError):
     """The model directory is missing files, has the wrong format or fails its hashes."""
+
+
+def step_names(n_layers: int, kernel: int) -> dict[str, list[str]]:
+    """Input and output names of ``decoder_step.onnx``: per layer ``i``, the taps
+    ``past.{i}.{j}`` (its input at ``tau - j d_i``, oldest first), ``cond.{i}``, and the
+    output ``current.{i}`` (its input at ``tau``)."""
+    past = [f"past.{i}.{j}" for i in range(n_layers) for j in range(kernel - 1, 0, -1)]
+    return {
+        "inputs": ["prev", "noise", *past, *(f"cond.{i}" for i in range(n_layers))],
+        "outputs": ["sample", "logits", *(f"current.{i}" for i in range(n_layers))],
+    }
+
+
+def ring_layout(needs: Sequence[int]) -> tuple[int, list[int]]:
+    """Period and ring sizes for layers that must keep ``needs[i]`` past inputs.
+
+    Each ring is longer than it needs, so the slot a step writes is never one it reads (both
+    are bound to the same step call); all sizes divide one period, so the bindings of a step
+    depend only on the step modulo the period and are built once. For power-of-two needs the
+    period is 1.5x their largest, and the rings hold about 1.5x the inputs they must."""
+    base = math.lcm(*needs)
+    period = base * 3 // 2 if base % 2 == 0 else base * 2
+    sizes = [next(q for q in range(need + 1, period + 1) if period % q == 0) for need in needs]
+    return period, sizes
 
 
 def geometry_from_spec(spec: dict) -> CodecGeometry:
@@ -145,6 +171,93 @@ class _Live:
         return self.partial[i][0] if self.partial[i] is not None else np.zeros(0, np.int64)
 
 
+class _StepBatch:
+    """One worker's step call: the ring store, the conditioning, input and output buffers, and
+    one onnxruntime binding per step phase (built on first use) that points each tap at its
+    ring slot and each layer's output at the slot it overwrites. Rows ``[0, m)`` take part;
+    `keep` drops idle rows so that a draining batch stops computing them."""
+
+    def __init__(self, codec: Codec, rows: int, *, logits: bool):
+        self.codec, self.m = codec, rows
+        r, width = codec.residual_channels, 2 * codec.gate_channels
+        self.store = np.zeros((codec._ring_slots, rows, r), dtype=np.float32)
+        self.cond = np.zeros((codec.n_layers, rows, width), dtype=np.float32)
+        self.prev = np.zeros(rows, dtype=np.int64)
+        self.noise = np.zeros(rows, dtype=np.float32)
+        self.sample = np.zeros(rows, dtype=np.int64)
+        self.logits = np.zeros((rows, codec.q), dtype=np.float32) if logits else None
+        self._bindings: dict[int, ort.IOBinding] = {}
+
+    def run(self, s: int) -> None:
+        """One step at global step ``s``: reads the taps of ``s``, writes its inputs."""
+        phase = s % self.codec._period
+        binding = self._bindings.get(phase)
+        if binding is None:
+            binding = self._bindings[phase] = self._bind(phase)
+        self.codec._step.run_with_iobinding(binding)
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Move ``rows`` (in order) to the front and run only those from now on."""
+        k = len(rows)
+        self.store[:, :k] = self.store[:, rows]
+        self.cond[:, :k] = self.cond[:, rows]
+        self.prev[:k] = self.prev[rows]
+        self.m = k
+        self._bindings.clear()
+
+    def _bind(self, phase: int) -> ort.IOBinding:
+        codec, m = self.codec, self.m
+        binding = codec._step.io_binding()
+        r, width = self.store.shape[2], self.cond.shape[2]
+        slot = self.store.shape[1] * r * self.store.itemsize  # bytes between ring slots
+        base = self.store.ctypes.data
+
+        def bind(add, name: str, array: np.ndarray, shape, at: int | None = None) -> None:
+            add(name, "cpu", 0, array.dtype, list(shape), array.ctypes.data if at is None else at)
+
+        names = step_names(codec.n_layers, codec.kernel)
+        bind(binding.bind_input, "prev", self.prev, [m])
+        bind(binding.bind_input, "noise", self.noise, [m])
+        for name, (_, j, offset, size, d) in zip(names["inputs"][2:], codec._taps):
+            at = base + (offset + (phase - j * d) % size) * slot
+            bind(binding.bind_input, name, self.store, [m, r], at)
+        for i in range(codec.n_layers):
+            bind(binding.bind_input, f"cond.{i}", self.cond, [m, width], self.cond[i].ctypes.data)
+            offset, size = codec._writes[i]
+            at = base + (offset + phase % size) * slot
+            bind(binding.bind_output, f"current.{i}", self.store, [m, r], at)
+        bind(binding.bind_output, "sample", self.sample, [m])
+        if self.logits is not None:
+            bind(binding.bind_output, "logits", self.logits, [m, codec.q])
+        return binding
+
+
+class _Rows:
+    """Per-row bookkeeping of a worker's batch: the stream each row runs (-1: idle), its
+    timeline and inputs per local step, and its outputs."""
+
+    def __init__(self, rows: int, steps: int, ctx: int, forced: bool, nll: bool, q: int):
+        self.sid = np.full(rows, -1, dtype=np.int64)
+        self.start = np.zeros(rows, dtype=np.int64)  # global step of the row's local step 0
+        self.last = np.zeros(rows, dtype=np.int64)  # its final local step
+        self.crow = np.full(rows, -1, dtype=np.int64)  # row of `cond` in the batch's buffer
+        self.cidx = np.zeros((rows, steps), dtype=np.int64)  # row of `cond` per local step
+        self.noise = np.zeros((rows, steps), dtype=np.float32)
+        self.prev = np.zeros((rows, steps), dtype=np.int64) if forced else None
+        self.targets = np.zeros((rows, steps - ctx), dtype=np.int64) if nll else None
+        if nll:
+            self.out = np.zeros((rows, steps - ctx), dtype=np.float32)
+        elif forced:
+            self.out = np.zeros((rows, steps - ctx, q), dtype=np.float32)
+        else:
+            self.out = np.zeros((rows, steps - ctx), dtype=np.int64)
+
+    def keep(self, rows: np.ndarray) -> None:
+        for name, value in vars(self).items():
+            if value is not None:
+                setattr(self, name, value[rows])
+
+
 class Codec:
     """A loaded model directory (see `export.onnx_export`).
 
@@ -168,7 +281,9 @@ class Codec:
 
     streams_per_worker: int = 16
     target_streams: int = 64
-    max_rows: int = 128  # per worker; more streams wait in its queue
+    # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
+    # 3070 slots at `default`: 400 MB for 128 rows.
+    max_rows: int = 128
 
     def __init__(
         self,
@@ -187,14 +302,13 @@ class Codec:
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ModelDirError(
                 f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')} "
-                f"is not {FORMAT} v{VERSION}"
+                f"is not {FORMAT} v{VERSION} (re-export it: python -m export --checkpoint ...)"
             )
         self.meta = meta
         step_file = "decoder_step.int8.onnx" if int8 else "decoder_step.onnx"
         needed = ["encoder.onnx", "conditioner.onnx", step_file]
         warm_file = WARM_INT8_FILE if int8 and WARM_INT8_FILE in meta["files"] else WARM_FILE
-        if warm_file in meta["files"]:  # absent from model directories exported before it
-            needed.append(warm_file)
+        needed.append(warm_file)
         for name in needed:
             path = self.dir / name
             if name not in meta["files"] or not path.is_file():
@@ -208,8 +322,9 @@ class Codec:
         self._encoder = self._session(self.dir / "encoder.onnx", threads)
         self._conditioner = self._session(self.dir / "conditioner.onnx", threads)
         self._step = self._session(self.dir / step_file, 1)
-        self._warm = self._session(self.dir / warm_file, 1) if warm_file in needed else None
-        self.parallel_warmup = self._warm is not None
+        self._warm = self._session(self.dir / warm_file, 1)
+        # Off (tests): step through the warm-up instead, the reference the warm-up graph equals.
+        self.parallel_warmup = True
         self.int8 = int8
         self.model_id: str = meta["model_id"]
         self.sample_rate: int = int(meta["sample_rate"])
@@ -224,14 +339,23 @@ class Codec:
         self.n_layers, self.kernel = int(step["n_layers"]), int(step["kernel_size"])
         self.dilations = [int(d) for d in step["dilations"]]
         self.residual_channels = int(step["residual_channels"])
+        self.gate_channels = int(step["gate_channels"])
         self.cond_kernel = int(step["cond_kernel"])
         self.context = self.geometry.wavenet_context
-        self._rings = self._ring_tables()
-        sizes = [(self.kernel - 1) * d for d in self.dilations]
-        self._state_layout = (  # ring offset, position and size of each row of a warm state
-            np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes),
-            np.concatenate([np.arange(n) for n in sizes]),
-            np.repeat(sizes, sizes),
+        needs = [(self.kernel - 1) * d for d in self.dilations]
+        self._period, sizes = ring_layout(needs)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._ring_slots = int(sum(sizes))
+        self._taps = [  # (layer, lag multiple j, ring offset, ring size, dilation), graph order
+            (i, j, int(offsets[i]), sizes[i], d)
+            for i, d in enumerate(self.dilations)
+            for j in range(self.kernel - 1, 0, -1)
+        ]
+        self._writes = [(int(offsets[i]), sizes[i]) for i in range(self.n_layers)]
+        self._state_layout = (  # per row of a warm state: ring offset, lag behind the start, size
+            np.repeat(offsets, needs),
+            np.concatenate([np.arange(n, 0, -1) for n in needs]),
+            np.repeat(sizes, needs),
         )
 
     @property
@@ -643,24 +767,6 @@ class Codec:
 
     # --- the generation engine ----------------------------------------------------------------
 
-    def _ring_tables(self):
-        """Read/write positions in one flat ring store, per step modulo the rings' period.
-
-        Layer ``i`` owns ``(k-1) d_i`` rows; its input at step ``s`` lives in row
-        ``o_i + s mod size_i``, so the taps ``s - j d_i`` (``j = k-1 .. 1``) are read before
-        the current input overwrites the oldest."""
-        sizes = [(self.kernel - 1) * d for d in self.dilations]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        period = math.lcm(*sizes)
-        s = np.arange(period)[:, None]
-        read = [
-            offsets[i] + (s - j * d) % sizes[i]
-            for i, d in enumerate(self.dilations)
-            for j in range(self.kernel - 1, 0, -1)
-        ]
-        write = [offsets[i] + s % sizes[i] for i in range(self.n_layers)]
-        return period, int(sum(sizes)), np.hstack(read), np.hstack(write)
-
     def _run(
         self,
         streams: list[_Stream],
@@ -710,13 +816,6 @@ class Codec:
             raise errors[0]
         return list(live.results)
 
-    def _past(self, rows: np.ndarray, taps: int) -> np.ndarray:
-        """Ring rows ``[L * taps, B, R]`` -> the step's ``past [L, B, taps * R]``."""
-        n, b, r = self.n_layers, rows.shape[1], rows.shape[2]
-        if taps == 1:
-            return rows
-        return rows.reshape(n, taps, b, r).transpose(0, 2, 1, 3).reshape(n, b, taps * r)
-
     def _run_group(
         self,
         streams: list[_Stream],
@@ -727,115 +826,94 @@ class Codec:
     ) -> None:
         """The step loop of one worker: rows in lockstep, each at its own stream's local step
         ``l`` (``l < context``: warm-up on zero input; then one output per step)."""
-        ctx, n_layers, r = self.context, self.n_layers, self.residual_channels
-        period, ring_rows, read, write = self._rings
-        taps = self.kernel - 1
-        b = min(len(queue), self.max_rows)
-        steps_max = ctx + max(streams[i].length for i in queue)
+        ctx, n_layers = self.context, self.n_layers
         forced = streams[queue[0]].forced is not None
         want_nll = forced and streams[queue[0]].targets is not None
-        store = np.zeros((ring_rows, b, r), dtype=np.float32)  # ring rows of every layer
-        cidx = np.zeros((b, steps_max), dtype=np.int64)  # row of `cond` per local step
-        noise = np.zeros((b, steps_max), dtype=np.float32)
-        if forced:
-            prev_in = np.zeros((b, steps_max), dtype=np.int64)
-        if want_nll:
-            targets = np.zeros((b, steps_max - ctx), dtype=np.int64)
-            out = np.zeros((b, steps_max - ctx), dtype=np.float32)
-            fetch = ["logits", "current"]
-        elif forced:
-            out = np.zeros((b, steps_max - ctx, self.q), dtype=np.float32)
-            fetch = ["logits", "current"]
-        else:
-            out = np.zeros((b, steps_max - ctx), dtype=np.int64)
-            fetch = ["sample", "current"]
+        batch = _StepBatch(self, min(len(queue), self.max_rows), logits=forced)
+        steps = ctx + max(streams[i].length for i in queue)
+        rows = _Rows(batch.m, steps, ctx, forced, want_nll, self.q)
         zero_class = mulaw_encode(np.zeros(1), self.q)[0]
-        prev = np.full(b, zero_class, dtype=np.int64)
-        sid = np.full(b, -1, dtype=np.int64)  # stream of each row (-1: idle)
-        start = np.zeros(b, dtype=np.int64)  # global step of each row's local step 0
-        last = np.zeros(b, dtype=np.int64)  # each row's final local step
-        cbuf = np.empty((b, cond.shape[1]), dtype=np.float32)  # conditioning rows in use
-        crow = np.full(b, -1, dtype=np.int64)  # which row of `cond` each holds
         pending = iter(queue)
-        warm = self._warm.run if self._warm is not None else None
+        left = len(queue)  # streams not yet loaded
 
         def load(row: int, at: int) -> None:
+            nonlocal left
             i = next(pending, None)
-            sid[row] = -1 if i is None else i
+            rows.sid[row] = -1 if i is None else i
             if i is None:
                 return
+            left -= 1
             st = streams[i]
             n = ctx + st.length
             idx = self.geometry.cond_index(st.tau0 + np.arange(n)) + st.cond_offset
             lo, hi = st.cond_offset, st.cond_offset + st.cond_count - 1
-            cidx[row, :n] = np.clip(idx, lo, hi)
-            noise[row, :n] = np.random.default_rng(st.seed).random(n, dtype=np.float32)
+            rows.cidx[row, :n] = np.clip(idx, lo, hi)
+            rows.noise[row, :n] = np.random.default_rng(st.seed).random(n, dtype=np.float32)
             if forced:
-                prev_in[row, :n] = st.forced
+                rows.prev[row, :n] = st.forced
             if want_nll:
-                targets[row, : st.length] = st.targets
-            start[row], last[row], prev[row] = at, n - 1, zero_class
+                rows.targets[row, : st.length] = st.targets
+            rows.start[row], rows.last[row], batch.prev[row] = at, n - 1, zero_class
             if self.parallel_warmup:  # the warm-up's rings in one call; start at step ctx
-                w = cidx[row, :ctx]
+                w = rows.cidx[row, :ctx]
                 feeds = {
-                    "prev": (prev_in[row, :ctx] if forced else np.full(ctx, zero_class))[None],
+                    "prev": (rows.prev[row, :ctx] if forced else np.full(ctx, zero_class))[None],
                     "cond": cond[w[0] : w[-1] + 1][None],
                     "index": (w - w[0])[None],
                 }
-                offset, position, size = self._state_layout
-                store[offset + (at + position) % size, row] = warm(None, feeds)[0][0]
-                start[row] = at - ctx
+                offset, lag, size = self._state_layout
+                state = self._warm.run(None, feeds)[0][0]
+                batch.store[offset + (at - lag) % size, row] = state
+                rows.start[row] = at - ctx
                 live.done[worker] += ctx
 
-        for row in range(b):
+        for row in range(batch.m):
             load(row, 0)
-        run, every = self._step.run, np.arange(b)
         s = 0
-        while (sid >= 0).any() and not live.cancelled:
-            busy = sid >= 0  # a row loaded at step s starts at s + 1 (or earlier, warm)
-            whole = bool(busy.all())
-            rows = every if whole else np.flatnonzero(busy)
-            local = s - start[rows]
-            ci = cidx[rows, local]
-            changed = np.flatnonzero(ci != crow[rows])  # a row changes once per hop
+        while (rows.sid >= 0).any() and not live.cancelled:
+            m = batch.m
+            every = np.arange(m)
+            busy = rows.sid >= 0  # a row loaded at step s starts at s + 1 (or earlier, warm)
+            local = np.where(busy, s - rows.start, 0)
+            ci = rows.cidx[every, local]
+            changed = np.flatnonzero(busy & (ci != rows.crow))  # a row changes once per hop
             if len(changed):
-                crow[rows[changed]] = ci[changed]
-                cbuf[rows[changed]] = cond[ci[changed]]
-            p = s % period
-            past = store[read[p]]
-            feeds = {
-                "prev": prev_in[rows, local] if forced else (prev if whole else prev[rows]),
-                "past": self._past(past if whole else past[:, rows], taps),
-                "cond": cbuf if whole else cbuf[rows],
-                "noise": noise[rows, local],
-            }
-            first, current = run(fetch, feeds)
-            current = current.reshape(len(rows), n_layers, r).transpose(1, 0, 2)
-            if whole:
-                store[write[p]] = current
-            else:
-                store[write[p][:, None], rows[None, :]] = current
-            gen = local >= ctx
-            if gen.any():
-                g_rows, t = rows[gen], local[gen] - ctx
+                rows.crow[changed] = ci[changed]
+                batch.cond[:, changed] = (
+                    cond[ci[changed]].reshape(len(changed), n_layers, -1).transpose(1, 0, 2)
+                )
+            if forced:
+                batch.prev[:m] = rows.prev[every, local]
+            batch.noise[:m] = rows.noise[every, local]
+            batch.run(s)
+            gen = np.flatnonzero(busy & (local >= ctx))
+            if len(gen):
+                t = local[gen] - ctx
                 if want_nll:
-                    x = first[gen]
-                    m = x.max(1, keepdims=True)
-                    lse = np.log(np.exp(x - m).sum(1)) + m[:, 0]
-                    out[g_rows, t] = lse - x[np.arange(len(x)), targets[g_rows, t]]
+                    x = batch.logits[gen]
+                    mx = x.max(1, keepdims=True)
+                    lse = np.log(np.exp(x - mx).sum(1)) + mx[:, 0]
+                    rows.out[gen, t] = lse - x[np.arange(len(x)), rows.targets[gen, t]]
+                elif forced:
+                    rows.out[gen, t] = batch.logits[gen]
                 else:
-                    out[g_rows, t] = first[gen]
-                    if not forced:
-                        prev[g_rows] = first[gen]
-            live.done[worker] += len(rows)
-            ending = rows[local == last[rows]]
+                    drawn = batch.sample[gen]
+                    rows.out[gen, t] = drawn
+                    batch.prev[gen] = drawn
+            live.done[worker] += int(busy.sum())
+            ending = np.flatnonzero(busy & (local == rows.last))
             if len(ending) or s % 128 == 0:
                 with live.lock:
                     for row in ending:
-                        i = sid[row]
-                        live.results[i] = out[row, : streams[i].length].copy()
+                        i = rows.sid[row]
+                        live.results[i] = rows.out[row, : streams[i].length].copy()
                         live.partial[i] = None
                         load(row, s + 1)
-                    for row in np.flatnonzero(sid >= 0):  # produced: 0 until the warm-up ends
-                        live.partial[sid[row]] = (out[row], max(0, s - start[row] - ctx + 1))
+                    if left == 0 and 0 < (rows.sid >= 0).sum() <= m // 2:
+                        keep = np.flatnonzero(rows.sid >= 0)  # idle rows would still compute
+                        batch.keep(keep)
+                        rows.keep(keep)
+                    for row in np.flatnonzero(rows.sid >= 0):  # produced: 0 until warm
+                        produced = max(0, s - rows.start[row] - ctx + 1)
+                        live.partial[rows.sid[row]] = (rows.out[row], produced)
             s += 1

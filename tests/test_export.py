@@ -17,6 +17,7 @@ from export.onnx_export import (
     export_model,
     load_checkpoint,
     sha256,
+    step_feeds,
     verify,
 )
 from model.autoencoder import Autoencoder, Windows
@@ -147,15 +148,18 @@ def test_conditioner_and_step_match_pytorch_to_1e4(tiny):
         torch.from_numpy(cond[:, :, 3]),
         torch.rand(b, generator=g),
     )
-    names = ("prev", "past", "cond", "noise")
-    sample, logits, current = session(out / "decoder_step.onnx").run(
-        None, {k: v.numpy() for k, v in zip(names, args)}
-    )
+    sample, logits, *current = session(out / "decoder_step.onnx").run(None, step_feeds(step, *args))
     with torch.no_grad():
         ref = step(*args)
+        sample2, logits2, current2 = step.layers(
+            args[0], list(past), list(args[2].split(2 * step.gate, 1)), args[3], fused=True
+        )
     np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(current, ref.current.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.concatenate(current, 1), ref.current.numpy(), atol=1e-4, rtol=0)
     assert (sample == ref.sample.numpy()).all()
+    # The fused form (addmm, exported as Gemm) computes the same function as the unfused one.
+    torch.testing.assert_close(logits2, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(current2, 1), ref.current, atol=1e-5, rtol=0)
 
 
 def test_step_samples_by_inverse_cdf_of_the_softmax(tiny):

@@ -247,10 +247,37 @@ def test_rows_take_queued_streams_when_the_batch_is_full(tiny):
         np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
 
 
-def test_parallel_warm_up_equals_stepped_warm_up_and_old_dirs_still_load(tiny, tmp_path):
+def test_a_draining_batch_drops_its_idle_rows(tiny, monkeypatch):
+    """Once the queue is empty and half the rows are idle, the batch keeps only its busy rows
+    (their rings moved to the front); what every stream gives is unchanged, in free-running
+    decoding and teacher-forced. Control: the compaction happened, more than once."""
+    from export import runtime
+
+    kept = []
+    keep = runtime._StepBatch.keep
+    monkeypatch.setattr(
+        runtime._StepBatch, "keep", lambda self, r: (kept.append(len(r)), keep(self, r))
+    )
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    waves = [clip("activated", n) for n in (600, 900, 1500)] + [clip("agent-newlocation", 4100)]
+    together = codec.teacher_forced(waves, speaker=1)
+    assert kept == [2, 1]
+    for wave, got in zip(waves, together):
+        np.testing.assert_allclose(got, codec.teacher_forced([wave], speaker=1)[0], atol=1e-5)
+    kept.clear()
+    reqs = [DecodeRequest(codec.encode(w), 1, len(w), seed=3) for w in waves]
+    decoded = codec.decode_many(reqs, segment=10**6)
+    assert kept == [2, 1]
+    codec.max_rows = 1  # one stream at a time: never idle rows
+    for req, got in zip(reqs, decoded):
+        np.testing.assert_array_equal(got, codec.decode_many([req], segment=10**6)[0])
+    assert kept == [2, 1]
+
+
+def test_parallel_warm_up_equals_stepped_warm_up(tiny):
     """Segments start from `decoder_warmup.onnx`'s rings: teacher-forced outputs equal those
-    of stepping through the warm-up; a model directory exported before that graph existed
-    falls back to stepping."""
+    of stepping through the warm-up."""
     _, out = tiny
     codec = Codec(out, workers=1)
     assert codec.parallel_warmup
@@ -260,15 +287,17 @@ def test_parallel_warm_up_equals_stepped_warm_up_and_old_dirs_still_load(tiny, t
     stepped = codec.teacher_forced(waves, speaker=1)
     for a, b in zip(fast, stepped):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_model_dir_of_an_older_format_asks_for_a_re_export(tiny, tmp_path):
+    _, out = tiny
     old = tmp_path / "old"
     shutil.copytree(out, old)
-    (old / "decoder_warmup.onnx").unlink()
     meta = json.loads((old / "model.json").read_text())
-    del meta["files"]["decoder_warmup.onnx"]
+    meta["version"] = 1
     (old / "model.json").write_text(json.dumps(meta))
-    legacy = Codec(old, workers=1)
-    assert not legacy.parallel_warmup
-    np.testing.assert_allclose(legacy.teacher_forced(waves[:1], speaker=1)[0], fast[0], atol=1e-5)
+    with pytest.raises(ModelDirError, match="re-export"):
+        Codec(old)
 
 
 def test_closing_a_decode_stream_stops_its_workers(tiny):
