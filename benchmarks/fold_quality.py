@@ -2,12 +2,14 @@
 
     python -m benchmarks.fold_quality                      # the bundled model, tests/data clips
     python -m benchmarks.fold_quality --model models/mine --wav a.wav --wav b.wav
+    python -m benchmarks.fold_quality --warmup exact       # the full zero-input warm-up
 
 The engine decodes a long file as segments generated side by side; each starts from silence
 (zero-input warm-up) ``overlap`` samples before the point where it takes over, and the two are
 cross-faded there. Sampling gives no number to compare, so this measures the same schedule
 teacher-forced (`Codec.folded_nll`): the NLL of every true sample when its segment started from
-silence, against full context (`Codec.teacher_forced`). Two tables:
+silence, against full context (`Codec.teacher_forced`); ``--warmup`` picks how segments after
+the first start (`Codec`'s ``warmup``). Two tables:
 
 * recovery: excess NLL (nats/sample) at distances from a segment's start, overlap 0: how long
   the model takes to forget the silence it started from;
@@ -69,6 +71,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0")
+    p.add_argument("--warmup", choices=["steady", "exact"], default="steady")
     p.add_argument("--segments", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--overlaps", type=int, nargs="+", default=[0, 160, 320])
     return p
@@ -77,7 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     paths = args.wav or sorted(str(p) for p in (ROOT / "tests" / "data").glob("*.wav"))
-    codec = Codec(args.model)
+    codec = Codec(args.model, warmup=args.warmup)
     waves = [codec.to_model_rate(*sf.read(p, dtype="float32")) for p in paths]
     shortest = min(args.segments) * codec.sample_rate
     if not waves or max(len(w) for w in waves) <= shortest:
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
         for overlap in args.overlaps:
             costs.append(cost(codec, waves, args.speaker, int(seconds * sr), overlap))
             print(json.dumps({"table": "cost", **costs[-1]}), flush=True)
-    print(f"\n{len(waves)} clips, {sum(len(w) for w in waves) / sr:.1f} s, model {args.model}")
+    seconds = sum(len(w) for w in waves) / sr
+    print(f"\n{len(waves)} clips, {seconds:.1f} s, model {args.model}, {args.warmup} warm-up")
     print("\n| samples after a segment start | excess NLL (nats/sample) |\n|---|---|")
     for r in rec:
         print(f"| {r['from']}-{r['to'] or 'end'} | {r['excess_nll']:+.4f} |")

@@ -14,17 +14,20 @@ per-layer ring buffers of past layer inputs in numpy. The step graph takes one t
 slot it reads and writes one per layer, so onnxruntime reads the taps from the rings and writes
 the current inputs into them in place (I/O binding; no copies into or out of a stacked array). A
 long utterance is folded into segments generated side by side as one batch and cross-faded over
-``overlap`` samples; each segment starts from silence (its rings are warmed on
-``wavenet_context`` zero-input steps, exactly as the first segment starts from the utterance's
-zero padding). Several requests share the batch, and the segment length adapts to it
-(`Codec.auto_segment`): enough rows to keep the matrix products efficient, never segments so
-short that joins dominate. Streams are split between up to ``workers`` threads, each calling
-onnxruntime with one intra-op thread (see `Codec` for when a second worker pays); a worker runs
-at most `Codec.max_rows` rows and a row that finishes its stream takes the next from the
-worker's queue. `Codec.decode_stream` yields the audio as it becomes final. Sampling noise comes
-from ``numpy.random.default_rng([seed, segment])`` per stream, so a call is reproducible for a
-seed (bit-identical for the same requests and settings; batching a file with others changes the
-batch shape of the matrix products, which may change the last bits and so the draw).
+``overlap`` samples; each segment starts from silence. The first starts exactly, as the
+utterance does from its zero padding (the rings after ``wavenet_context`` zero-input steps, one
+parallel `decoder_warmup.onnx` call); later ones by default from the rings of endless silence
+under their first conditioning frame, a fixed point found in ``L`` step calls
+(``Codec(warmup=...)``; teacher-forced on the bundled model, both cost the same). Several
+requests share the batch, and the segment length adapts to it (`Codec.auto_segment`): enough
+rows to keep the matrix products efficient, never segments so short that joins dominate. Streams
+are split between up to ``workers`` threads, each calling onnxruntime with one intra-op thread
+(see `Codec` for when a second worker pays); a worker runs at most `Codec.max_rows` rows and a
+row that finishes its stream takes the next from the worker's queue. `Codec.decode_stream`
+yields the audio as it becomes final. Sampling noise comes from
+``numpy.random.default_rng([seed, segment])`` per stream, so a call is reproducible for a seed
+(bit-identical for the same requests and settings; batching a file with others changes the batch
+shape of the matrix products, which may change the last bits and so the draw).
 
 Only ``model.geometry`` (pure numpy) is imported from the model package, to rebuild the codec's
 geometry from the layer specs in ``model.json``.
@@ -146,6 +149,7 @@ class _Stream:
     seed: tuple[int, ...]
     forced: np.ndarray | None = None  # [warm + length] prev classes (teacher forcing)
     targets: np.ndarray | None = None  # [length] classes whose NLL to return
+    steady: bool = False  # start from `Codec._steady` rings instead of the exact warm-up
 
 
 class _Live:
@@ -277,6 +281,13 @@ class Codec:
         workers: generation threads (default: 2, or 1 on a single core).
         threads: intra-op threads of the encoder and conditioner (default: all cores).
         check_hashes: verify every file against ``model.json``'s sha256.
+        warmup: how a folded segment after the first starts. ``"steady"`` (default): rings of
+            endless silence under the segment's first conditioning frame (`_steady`, ``L``
+            single-row step calls). ``"exact"``: the zero-input warm-up over the receptive
+            field with the conditioning as it varies (``decoder_warmup.onnx``, about 1300
+            row-steps of work). Teacher-forced they cost the same (``benchmarks.fold_quality``,
+            README); a file's first segment and teacher forcing always start exactly, where
+            silence is the true past.
     """
 
     streams_per_worker: int = 16
@@ -293,7 +304,11 @@ class Codec:
         workers: int | None = None,
         threads: int | None = None,
         check_hashes: bool = True,
+        warmup: str = "steady",
     ):
+        if warmup not in ("steady", "exact"):
+            raise ValueError(f"warmup must be 'steady' or 'exact', not {warmup!r}")
+        self.warmup = warmup
         self.dir = Path(model_dir)
         meta_path = self.dir / "model.json"
         if not meta_path.is_file():
@@ -622,6 +637,7 @@ class Codec:
                         cond_offset=offset,
                         cond_count=len(cond),
                         seed=(int(req.seed), k),
+                        steady=k > 0 and self.warmup == "steady",
                     )
                 )
             offset += len(cond)
@@ -748,6 +764,7 @@ class Codec:
                         cond_count=len(cond),
                         seed=(0, r),
                         forced=np.concatenate([np.full(self.context + 1, zero), true_prev]),
+                        steady=k > 0 and self.warmup == "steady",
                         targets=classes[left + g : left + b],
                     )
                 )
@@ -816,6 +833,25 @@ class Codec:
             raise errors[0]
         return list(live.results)
 
+    def _steady(self, cond_row: np.ndarray, zero_class: int) -> np.ndarray:
+        """The rings (rows as `decoder_warmup.onnx`'s state) after endless silence under one
+        conditioning row: every layer's input is then constant, a fixed point of the step
+        with each tap fed the layer's own input. Layer ``i``'s input depends on layers
+        below it only, so ``L`` step calls, each feeding back the last one's inputs, reach it."""
+        names = step_names(self.n_layers, self.kernel)
+        r, g2 = self.residual_channels, 2 * self.gate_channels
+        x = np.zeros((self.n_layers, 1, r), dtype=np.float32)
+        conds = cond_row.reshape(self.n_layers, 1, g2)
+        for _ in range(self.n_layers):
+            feeds = {"prev": np.array([zero_class]), "noise": np.zeros(1, np.float32)}
+            for name, (i, *_rest) in zip(names["inputs"][2:], self._taps):
+                feeds[name] = x[i]
+            for i in range(self.n_layers):
+                feeds[f"cond.{i}"] = conds[i]
+            x = np.stack(self._step.run(names["outputs"][2:], feeds))
+        needs = [(self.kernel - 1) * d for d in self.dilations]
+        return np.repeat(x[:, 0], needs, axis=0)
+
     def _run_group(
         self,
         streams: list[_Stream],
@@ -854,15 +890,15 @@ class Codec:
             if want_nll:
                 rows.targets[row, : st.length] = st.targets
             rows.start[row], rows.last[row], batch.prev[row] = at, n - 1, zero_class
-            if self.parallel_warmup:  # the warm-up's rings in one call; start at step ctx
-                w = rows.cidx[row, :ctx]
-                feeds = {
-                    "prev": (rows.prev[row, :ctx] if forced else np.full(ctx, zero_class))[None],
-                    "cond": cond[w[0] : w[-1] + 1][None],
-                    "index": (w - w[0])[None],
-                }
+            if st.steady or self.parallel_warmup:  # the rings in one go; start at step ctx
+                if st.steady:  # endless silence under the first conditioning row
+                    state = self._steady(cond[rows.cidx[row, ctx]], zero_class)
+                else:  # the warm-up steps, computed in parallel
+                    w = rows.cidx[row, :ctx]
+                    prev = rows.prev[row, :ctx] if forced else np.full(ctx, zero_class)
+                    feeds = {"prev": prev[None], "cond": cond[w[0] : w[-1] + 1][None]}
+                    state = self._warm.run(None, {**feeds, "index": (w - w[0])[None]})[0][0]
                 offset, lag, size = self._state_layout
-                state = self._warm.run(None, feeds)[0][0]
                 batch.store[offset + (at - lag) % size, row] = state
                 rows.start[row] = at - ctx
                 live.done[worker] += ctx

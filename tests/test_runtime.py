@@ -275,6 +275,57 @@ def test_a_draining_batch_drops_its_idle_rows(tiny, monkeypatch):
     assert kept == [2, 1]
 
 
+def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
+    """`Codec._steady`: one more step on silence under the same conditioning, each tap fed
+    from the rings, writes the rings' own values back. Control: the state one call short
+    (``L - 1`` calls) is not yet the fixed point."""
+    from export.runtime import step_names
+
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    cond = codec.condition(codec.encode(clip("activated", 4000)), 1)[5]
+    zero = 128
+    state = codec._steady(cond, zero)
+    needs = [(codec.kernel - 1) * d for d in codec.dilations]
+    starts = np.concatenate([[0], np.cumsum(needs)[:-1]])
+    x = state[starts]  # each layer's constant input
+    assert all(np.allclose(state[a : a + n], x[i]) for i, (a, n) in enumerate(zip(starts, needs)))
+
+    def step(inputs):
+        names = step_names(codec.n_layers, codec.kernel)
+        feeds = {"prev": np.array([zero]), "noise": np.zeros(1, np.float32)}
+        for name, (i, *_rest) in zip(names["inputs"][2:], codec._taps):
+            feeds[name] = inputs[i][None]
+        for i, c in enumerate(cond.reshape(codec.n_layers, -1)):
+            feeds[f"cond.{i}"] = c[None]
+        return np.concatenate(codec._step.run(names["outputs"][2:], feeds))
+
+    np.testing.assert_allclose(step(x), x, atol=1e-5, rtol=0)
+    once = step(np.zeros_like(x))
+    np.testing.assert_allclose(once[0], x[0], atol=1e-6, rtol=0)
+    assert np.abs(step(once) - once).max() > 1e-3
+
+
+def test_steady_warm_up_starts_only_later_segments():
+    """With ``warmup="steady"`` (the default) a file's first segment still starts exactly
+    (its samples equal those of ``warmup="exact"``); later segments start from the steady
+    rings, so their samples differ (the control that the mode is in effect). The bundled
+    model, because in `tiny` the warm-up window lies within one conditioning frame, where
+    the exact warm-up reaches the steady state itself."""
+    out = ROOT / "models" / "bundled"
+    steady, exact = Codec(out, workers=1), Codec(out, workers=1, warmup="exact")
+    assert steady.warmup == "steady"
+    codes = steady.encode(clip("agent-newlocation", 6000))
+    a = steady.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    b = exact.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    np.testing.assert_array_equal(a[: 2000 - steady.hop], b[: 2000 - steady.hop])
+    assert np.mean(a[2500:] != b[2500:]) > 0.2
+    with pytest.raises(ValueError, match="warmup"):
+        Codec(out, warmup="cold")
+    again = steady.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    np.testing.assert_array_equal(a, again)  # reproducible
+
+
 def test_parallel_warm_up_equals_stepped_warm_up(tiny):
     """Segments start from `decoder_warmup.onnx`'s rings: teacher-forced outputs equal those
     of stepping through the warm-up."""
