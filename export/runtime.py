@@ -282,12 +282,12 @@ class Codec:
 
     Thread layout: each worker thread runs its own batch of streams with one intra-op thread.
     Small batches are dominated by per-operator overhead (a step of 16 rows costs about 1.5x
-    one of 8), so a second worker starts only when each gets `streams_per_worker` streams: one
-    8 s file (16 segments) decoded 10-15 % faster on one worker than on two, alternating
-    runs on the 2-core machine, while full batches scale to two. A step's throughput
-    keeps rising up to about 64 rows per worker (``small``; 128 for ``default``), so
-    `decode_many` cuts segments to give each worker `target_streams` rows when the batch holds
-    enough audio, never shorter than `min_segment`.
+    one of 8), so a second worker starts only when each gets `streams_per_worker` streams (with
+    0.5 s segments, when one 8 s file gave 16, it decoded 10-15 % faster on one worker than on
+    two; with 0.25 s segments it gives 32 and uses both). A step's throughput keeps rising up
+    to about 64 rows per worker (``small``; 128 for ``default``), so `decode_many` cuts
+    segments to give each worker `target_streams` rows when the batch holds enough audio, never
+    shorter than `min_segment`.
 
     Args:
         model_dir: directory with ``model.json`` and the graphs.
