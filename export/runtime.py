@@ -590,8 +590,8 @@ class Codec:
         try:
             yield from self._poll(live, worker, failure, bounds, overlap, n, progress, interval)
         finally:  # also when the consumer stops early (closed generator): stop the workers
-            live.cancelled = True
-        worker.join()
+            live.cancelled = True  # they stop after their current call
+            worker.join()  # before close() returns: a process may exit right after it
 
     def _poll(self, live, worker, failure, bounds, overlap, n, progress, interval):
         """`decode_stream`'s loop: yield the final prefix whenever it grew."""
@@ -848,24 +848,23 @@ class Codec:
             raise errors[0]
         return list(live.results)
 
-    def _steady(self, cond_row: np.ndarray, zero_class: int) -> np.ndarray:
-        """The rings (rows as `decoder_warmup.onnx`'s state) after endless silence under one
-        conditioning row: every layer's input is then constant, a fixed point of the step
-        with each tap fed the layer's own input. Layer ``i``'s input depends on layers
-        below it only, so ``L`` step calls, each feeding back the last one's inputs, reach it."""
+    def _steady(self, cond_rows: np.ndarray, zero_class: int) -> np.ndarray:
+        """The rings (rows as `decoder_warmup.onnx`'s state) after endless silence under each
+        of ``cond_rows`` ``[n, L * 2G]``: every layer's input is then constant, a fixed point
+        of the step with each tap fed the layer's own input. Layer ``i``'s input depends on
+        the layers below it only, so ``L`` step calls, each feeding back the last one's
+        inputs, reach it. Returns ``[n, sum((k-1) d_i), R]``."""
         names = step_names(self.n_layers, self.kernel)
-        r, g2 = self.residual_channels, 2 * self.gate_channels
-        x = np.zeros((self.n_layers, 1, r), dtype=np.float32)
-        conds = cond_row.reshape(self.n_layers, 1, g2)
+        n, r = len(cond_rows), self.residual_channels
+        conds = cond_rows.reshape(n, self.n_layers, -1).transpose(1, 0, 2)
+        fixed = {"prev": np.full(n, zero_class), "noise": np.zeros(n, np.float32)}
+        fixed |= {f"cond.{i}": np.ascontiguousarray(c) for i, c in enumerate(conds)}
+        x = np.zeros((self.n_layers, n, r), dtype=np.float32)
         for _ in range(self.n_layers):
-            feeds = {"prev": np.array([zero_class]), "noise": np.zeros(1, np.float32)}
-            for name, (i, *_rest) in zip(names["inputs"][2:], self._taps):
-                feeds[name] = x[i]
-            for i in range(self.n_layers):
-                feeds[f"cond.{i}"] = conds[i]
-            x = np.stack(self._step.run(names["outputs"][2:], feeds))
+            taps = {name: x[i] for name, (i, *_rest) in zip(names["inputs"][2:], self._taps)}
+            x = np.stack(self._step.run(names["outputs"][2:], {**fixed, **taps}))
         needs = [(self.kernel - 1) * d for d in self.dilations]
-        return np.repeat(x[:, 0], needs, axis=0)
+        return np.repeat(x.transpose(1, 0, 2), needs, axis=1)
 
     def _run_group(
         self,
@@ -887,39 +886,49 @@ class Codec:
         pending = iter(queue)
         left = len(queue)  # streams not yet loaded
 
-        def load(row: int, at: int) -> None:
+        def load(targets: Sequence[int], at: int) -> None:
+            """Give each row of ``targets`` the next queued stream (or none), from step
+            ``at``; rows that start from steady rings get them in one batched call."""
             nonlocal left
-            i = next(pending, None)
-            rows.sid[row] = -1 if i is None else i
-            if i is None:
-                return
-            left -= 1
-            st = streams[i]
-            n = ctx + st.length
-            idx = self.geometry.cond_index(st.tau0 + np.arange(n)) + st.cond_offset
-            lo, hi = st.cond_offset, st.cond_offset + st.cond_count - 1
-            rows.cidx[row, :n] = np.clip(idx, lo, hi)
-            rows.noise[row, :n] = np.random.default_rng(st.seed).random(n, dtype=np.float32)
-            if forced:
-                rows.prev[row, :n] = st.forced
-            if want_nll:
-                rows.targets[row, : st.length] = st.targets
-            rows.start[row], rows.last[row], batch.prev[row] = at, n - 1, zero_class
-            if st.steady or self.parallel_warmup:  # the rings in one go; start at step ctx
+            steady = []
+            for row in targets:
+                i = next(pending, None)
+                rows.sid[row] = -1 if i is None else i
+                if i is None:
+                    continue
+                left -= 1
+                st = streams[i]
+                n = ctx + st.length
+                idx = self.geometry.cond_index(st.tau0 + np.arange(n)) + st.cond_offset
+                lo, hi = st.cond_offset, st.cond_offset + st.cond_count - 1
+                rows.cidx[row, :n] = np.clip(idx, lo, hi)
+                rows.noise[row, :n] = np.random.default_rng(st.seed).random(n, dtype=np.float32)
+                if forced:
+                    rows.prev[row, :n] = st.forced
+                if want_nll:
+                    rows.targets[row, : st.length] = st.targets
+                rows.start[row], rows.last[row], batch.prev[row] = at, n - 1, zero_class
                 if st.steady:  # endless silence under the first conditioning row
-                    state = self._steady(cond[rows.cidx[row, ctx]], zero_class)
-                else:  # the warm-up steps, computed in parallel
+                    steady.append(row)
+                elif self.parallel_warmup:  # the warm-up steps, computed in parallel
                     w = rows.cidx[row, :ctx]
                     prev = rows.prev[row, :ctx] if forced else np.full(ctx, zero_class)
                     feeds = {"prev": prev[None], "cond": cond[w[0] : w[-1] + 1][None]}
                     state = self._warm.run(None, {**feeds, "index": (w - w[0])[None]})[0][0]
-                offset, lag, size = self._state_layout
-                batch.store[offset + (at - lag) % size, row] = state
-                rows.start[row] = at - ctx
-                live.done[worker] += ctx
+                    place(row, at, state)
+            if steady:
+                states = self._steady(cond[rows.cidx[steady, ctx]], zero_class)
+                for row, state in zip(steady, states):
+                    place(row, at, state)
 
-        for row in range(batch.m):
-            load(row, 0)
+        def place(row: int, at: int, state: np.ndarray) -> None:
+            """Start ``row`` at its local step ``ctx`` from the rings ``state``."""
+            offset, lag, size = self._state_layout
+            batch.store[offset + (at - lag) % size, row] = state
+            rows.start[row] = at - ctx
+            live.done[worker] += ctx
+
+        load(range(batch.m), 0)
         s = 0
         while (rows.sid >= 0).any() and not live.cancelled:
             m = batch.m
@@ -959,7 +968,7 @@ class Codec:
                         i = rows.sid[row]
                         live.results[i] = rows.out[row, : streams[i].length].copy()
                         live.partial[i] = None
-                        load(row, s + 1)
+                    load(ending, s + 1)
                     if left == 0 and 0 < (rows.sid >= 0).sum() <= m // 2:
                         keep = np.flatnonzero(rows.sid >= 0)  # idle rows would still compute
                         batch.keep(keep)
