@@ -284,7 +284,7 @@ class Codec:
     Small batches are dominated by per-operator overhead (a step of 16 rows costs about 1.5x
     one of 8), so a second worker starts only when each gets `streams_per_worker` streams (with
     0.5 s segments, when one 8 s file gave 16, it decoded 10-15 % faster on one worker than on
-    two; with 0.25 s segments it gives 32 and uses both). A step's throughput keeps rising up
+    two; with 0.125 s segments it gives 64 and uses both). A step's throughput keeps rising up
     to about 64 rows per worker (``small``; 128 for ``default``), so `decode_many` cuts
     segments to give each worker `target_streams` rows when the batch holds enough audio, never
     shorter than `min_segment`.
@@ -303,6 +303,7 @@ class Codec:
             row-steps of work). Teacher-forced they cost the same (``benchmarks.fold_quality``,
             README); a file's first segment and teacher forcing always start exactly, where
             silence is the true past.
+        min_segment_s: shortest automatic segment in seconds (default: `min_segment`'s rule).
     """
 
     streams_per_worker: int = 16
@@ -320,10 +321,12 @@ class Codec:
         threads: int | None = None,
         check_hashes: bool = True,
         warmup: str = "steady",
+        min_segment_s: float | None = None,
     ):
         if warmup not in ("steady", "exact"):
             raise ValueError(f"warmup must be 'steady' or 'exact', not {warmup!r}")
         self.warmup = warmup
+        self._min_segment_s = min_segment_s
         self.dir = Path(model_dir)
         meta_path = self.dir / "model.json"
         if not meta_path.is_file():
@@ -524,13 +527,20 @@ class Codec:
 
     @property
     def min_segment(self) -> int:
-        """Shortest automatic segment (a quarter second, at least the receptive field).
+        """Shortest automatic segment: an eighth of a second with steady starts, else a quarter
+        second and at least the receptive field.
 
-        Each segment costs one parallel warm-up and one cross-fade, and starts from silence:
-        teacher-forced, the bundled model recovers from that within ~320 samples, and quarter-
-        second segments with a one-hop overlap cost +0.0001 nats/sample
-        (``python -m benchmarks.fold_quality``; check your own model there). One 8 s file
-        then gives 32 segments, enough for two workers."""
+        A segment starts from silence: teacher-forced, the bundled model recovers from that
+        within ~320 samples, and with a one-hop overlap eighth-second segments cost +0.0002
+        nats/sample, quarter-second ones +0.0001 (``python -m benchmarks.fold_quality``; check
+        your own model there). One 8 s file then gives 64 segments, 32 rows per worker, which
+        decoded it 10-25 % faster than 32 segments. An exact start costs a warm-up over the
+        receptive field per segment, hence the longer floor there. ``min_segment_s`` (a
+        constructor argument) overrides both."""
+        if self._min_segment_s is not None:
+            return max(1, round(self._min_segment_s * self.sample_rate))
+        if self.warmup == "steady":
+            return self.sample_rate // 8
         return max(self.context, self.sample_rate // 4)
 
     def auto_segment(self, total_samples: int) -> int:
@@ -571,7 +581,9 @@ class Codec:
         The schedule is `decode`'s (so the chunks concatenate to exactly its output): the
         first segment's samples become final as they are generated, later segments as they
         finish (workers take segments in order, so long files arrive a batch of segments at a
-        time). The final prefix is polled every ``interval`` seconds and yielded when it grew.
+        time). The first segment is what a listener hears meanwhile: a server that streams may
+        want longer ones (``Codec(min_segment_s=...)``). The final prefix is polled every
+        ``interval`` seconds and yielded when it grew.
         """
         req = DecodeRequest(codes, speaker, n_samples, seed)
         streams, cond, plans = self._plan([req], segment, overlap)

@@ -330,6 +330,23 @@ def test_steady_warm_up_starts_only_later_segments():
     np.testing.assert_array_equal(a, again)  # reproducible
 
 
+def test_automatic_segments_follow_the_start_mode(tiny):
+    """Steady starts cost no warm-up, so automatic segments go down to an eighth of a second
+    (one 8 s file: 64 segments); exact starts keep a quarter second and the receptive field;
+    ``min_segment_s`` overrides both; a batch with enough audio gets longer segments."""
+    _, out = tiny
+    steady, exact = Codec(out, workers=2), Codec(out, workers=2, warmup="exact")
+    sr = steady.sample_rate
+    assert steady.min_segment == sr // 8
+    assert exact.min_segment == max(exact.context, sr // 4)
+    assert Codec(out, min_segment_s=0.25).min_segment == sr // 4
+    n = 8 * sr
+    assert len(steady._segments(n, steady.auto_segment(n), steady.hop)) == 64
+    assert len(exact._segments(n, exact.auto_segment(n), exact.hop)) == 32
+    many = 4 * steady.workers * steady.target_streams * sr // 8
+    assert steady.auto_segment(many) == 4 * (sr // 8)
+
+
 def test_parallel_warm_up_equals_stepped_warm_up(tiny):
     """Segments start from `decoder_warmup.onnx`'s rings: teacher-forced outputs equal those
     of stepping through the warm-up."""
