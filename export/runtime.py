@@ -861,11 +861,11 @@ class Codec:
         return list(live.results)
 
     def _steady(self, cond_rows: np.ndarray, zero_class: int) -> np.ndarray:
-        """The rings (rows as `decoder_warmup.onnx`'s state) after endless silence under each
-        of ``cond_rows`` ``[n, L * 2G]``: every layer's input is then constant, a fixed point
-        of the step with each tap fed the layer's own input. Layer ``i``'s input depends on
+        """Every layer's input after endless silence under each of ``cond_rows``
+        ``[n, L * 2G]``: constant in time, so a fixed point of the step with each tap fed the
+        layer's own input (the rings hold it in every slot). Layer ``i``'s input depends on
         the layers below it only, so ``L`` step calls, each feeding back the last one's
-        inputs, reach it. Returns ``[n, sum((k-1) d_i), R]``."""
+        inputs, reach it. Returns ``[n, L, R]``."""
         names = step_names(self.n_layers, self.kernel)
         n, r = len(cond_rows), self.residual_channels
         conds = cond_rows.reshape(n, self.n_layers, -1).transpose(1, 0, 2)
@@ -875,8 +875,7 @@ class Codec:
         for _ in range(self.n_layers):
             taps = {name: x[i] for name, (i, *_rest) in zip(names["inputs"][2:], self._taps)}
             x = np.stack(self._step.run(names["outputs"][2:], {**fixed, **taps}))
-        needs = [(self.kernel - 1) * d for d in self.dilations]
-        return np.repeat(x.transpose(1, 0, 2), needs, axis=1)
+        return x.transpose(1, 0, 2)
 
     def _run_group(
         self,
@@ -928,10 +927,12 @@ class Codec:
                     feeds = {"prev": prev[None], "cond": cond[w[0] : w[-1] + 1][None]}
                     state = self._warm.run(None, {**feeds, "index": (w - w[0])[None]})[0][0]
                     place(row, at, state)
-            if steady:
-                states = self._steady(cond[rows.cidx[steady, ctx]], zero_class)
-                for row, state in zip(steady, states):
-                    place(row, at, state)
+            if steady:  # fill their rings with each layer's constant input
+                x = self._steady(cond[rows.cidx[steady, ctx]], zero_class)
+                for i, (offset, size) in enumerate(self._writes):
+                    batch.store[offset : offset + size, steady] = x[:, i]
+                rows.start[steady] = at - ctx
+                live.done[worker] += ctx * len(steady)
 
         def place(row: int, at: int, state: np.ndarray) -> None:
             """Start ``row`` at its local step ``ctx`` from the rings ``state``."""

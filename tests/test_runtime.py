@@ -285,11 +285,7 @@ def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
     codec = Codec(out, workers=1)
     cond = codec.condition(codec.encode(clip("activated", 4000)), 1)[5]
     zero = 128
-    state = codec._steady(cond[None], zero)[0]
-    needs = [(codec.kernel - 1) * d for d in codec.dilations]
-    starts = np.concatenate([[0], np.cumsum(needs)[:-1]])
-    x = state[starts]  # each layer's constant input
-    assert all(np.allclose(state[a : a + n], x[i]) for i, (a, n) in enumerate(zip(starts, needs)))
+    x = codec._steady(cond[None], zero)[0]  # each layer's constant input [L, R]
 
     def step(inputs):
         names = step_names(codec.n_layers, codec.kernel)
