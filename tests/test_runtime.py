@@ -142,6 +142,33 @@ def test_same_seed_same_audio_and_another_seed_differs(tiny):
     assert np.isfinite(one).all() and np.abs(one).max() <= 1.0
 
 
+def test_step_batches_kept_between_calls_change_no_result():
+    """A codec keeps its step batches (rings, bindings) between calls and does not clear the
+    rings: every row's start writes what it reads. Poisoning the kept rings with NaN leaves the
+    next call's audio bit-equal (int8, where one stale value would also spoil every row's
+    quantisation scale). Control: the stepped warm-up, which reads the rings it inherits, is
+    changed by the same poison."""
+    out = ROOT / "models" / "bundled"
+    codec = Codec(out, workers=1, int8=True)
+    codes = codec.encode(clip("agent-newlocation", 6000))
+    other = codec.encode(clip("activated", 9000))
+    first = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    (batch,) = codec._batches
+    codec.decode(other, speaker=2, seed=5, n_samples=9000, segment=4500)  # 2 of its 3 rows
+    assert codec._batches == [batch]  # the same batch, reused
+    batch.store[:] = np.nan
+    again = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    np.testing.assert_array_equal(first, again)
+    codec.release_buffers()
+    assert codec._batches == []
+
+    codec.parallel_warmup = False
+    clean = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    codec._batches[0].store[:] = np.nan
+    poisoned = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    assert np.mean(clean != poisoned) > 0.2
+
+
 def test_decode_many_batches_requests_of_different_lengths(tiny):
     _, out = tiny
     codec = Codec(out)
