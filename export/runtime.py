@@ -185,7 +185,10 @@ class _StepBatch:
         """Buffers for up to ``rows`` rows (memory is touched only where rows are used)."""
         self.codec, self.m = codec, rows
         r, width = codec.residual_channels, 2 * codec.gate_channels
-        self.store = np.zeros((codec._ring_slots, rows, r), dtype=np.float32)
+        # One spare row per slot keeps slots off power-of-two spacing (probably 4K aliasing of
+        # a tap's reads against the output's writes): 8 s decodes at `default` ran 2.7 %
+        # faster (18 alternating runs each, 15.9 s against 16.35 s).
+        self.store = np.zeros((codec._ring_slots, rows + 1, r), dtype=np.float32)[:, :rows]
         self.cond = np.zeros((codec.n_layers, rows, width), dtype=np.float32)
         self.prev = np.zeros(rows, dtype=np.int64)
         self.noise = np.zeros(rows, dtype=np.float32)
