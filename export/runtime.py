@@ -182,7 +182,6 @@ class _StepBatch:
     `keep` drops idle rows so that a draining batch stops computing them."""
 
     def __init__(self, codec: Codec, rows: int, *, logits: bool):
-        """Buffers for up to ``rows`` rows (memory is touched only where rows are used)."""
         self.codec, self.m = codec, rows
         r, width = codec.residual_channels, 2 * codec.gate_channels
         # One spare row per slot keeps slots off power-of-two spacing (probably 4K aliasing of
@@ -905,8 +904,8 @@ class Codec:
         decode 5 % slower).
 
         Reuse saves what a new batch costs before its first useful step: faulting in its
-        ring pages (about 0.2 s per 200 MB here) and one binding per step phase (0.3 ms
-        each, 768 phases at ``default``); repeated 2 s decodes at ``small`` took 9 % less
+        ring pages (about 0.2 s per 200 MB here) and one binding per step phase (0.07 ms
+        each, 768 phases); repeated 2 s decodes at ``small`` took 9 % less
         time. Up to ``workers`` idle batches are kept, so a process holds the rings of its
         largest recent calls (`release_buffers` frees them)."""
         with self._batches_lock:
@@ -954,7 +953,7 @@ class Codec:
     def _step_loop(self, streams, queue, cond, live, worker: int, batch: _StepBatch) -> None:
         """`_run_group`'s loop over the batch it took."""
         ctx, n_layers = self.context, self.n_layers
-        forced = streams[queue[0]].forced is not None
+        forced = batch.logits is not None  # teacher forcing, as `_run_group` took it
         want_nll = forced and streams[queue[0]].targets is not None
         steps = ctx + max(streams[i].length for i in queue)
         rows = _Rows(batch.m, steps, ctx, forced, want_nll, self.q)
