@@ -74,10 +74,7 @@ class CodecService:
                 f"`python -m export --checkpoint CKPT --out {self.model_dir}` or pass --model DIR"
             )
         try:
-            # Quarter-second segments: the first is what a listener hears while the rest is
-            # generated (the Decode tab streams), worth more here than the ~10 % of speed that
-            # eighth-second ones give a batch.
-            self.codec = Codec(self.model_dir, workers=workers, int8=int8, min_segment_s=0.25)
+            self.codec = Codec(self.model_dir, workers=workers, int8=int8)
         except (ModelDirError, KeyError, ValueError, OSError) as e:
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
         except Exception as e:  # onnxruntime raises its own exception types on a bad graph
@@ -245,8 +242,10 @@ class CodecService:
         seed: int = 0,
         progress: Progress | None = None,
     ) -> Iterator[np.ndarray]:
-        """`decode` in consecutive float32 chunks, each as soon as the engine has it final; the
-        chunks concatenate to exactly `decode`'s output for the same arguments.
+        """`decode` in consecutive float32 chunks for a player: the engine's playback schedule
+        (`Codec.decode_stream`), whose first chunk comes after one small batch and whose later
+        ones are generated while the earlier ones play. In fp32 the chunks concatenate to
+        exactly `decode`'s output for the same arguments; int8 samples depend on the batch.
 
         The checks run here, at the call, not at the first ``next()``: a refusal is raised
         before any audio exists (a failure of the engine itself still comes from the iterator).

@@ -5,11 +5,11 @@ user sees what is wrong and the server goes on serving; an unexpected failure is
 traceback and reported as an internal error, never as a dead worker. Endpoints (for
 ``gradio_client``): ``/encode``, ``/decode``, ``/resynthesize``.
 
-Decoding streams: the Decode tab's player starts on the first samples the engine has final
-(`CodecService.decode_stream`; the first folded segment arrives as it is generated, later ones as
-they finish) while a progress bar runs, and the complete 16-bit wav is offered as a file at the
-end. Gradio streams audio output as AAC through ffmpeg, so the player streams only where ffmpeg is
-on PATH; without it the player gets the whole wav at the end. Either way ``/decode`` returns
+Decoding streams: the Decode tab's player starts on the first wave of segments the engine has
+final (`CodecService.decode_stream`; later waves are generated while it plays) while a progress
+bar runs, and the complete 16-bit wav is offered as a file at the end. Gradio streams audio
+output as AAC through ffmpeg, so the player streams only where ffmpeg is on PATH; without it
+the player gets the whole wav at the end. Either way ``/decode`` returns
 (player, wav file): the wav holds exactly the engine's samples, and the player's last value is
 that wav, or a no-change update when it was streamed (the stream's chunks come before it).
 """

@@ -14,8 +14,11 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
 * ``onnx_batch<N>``: ``--files`` files of ``--seconds`` each in one `Codec.decode_many` call
   (a folder through the CLI, or the app's concurrent requests): enough segments to fill
   every worker's batch.
-* ``stream_first_audio``: seconds from `Codec.decode_stream` on one ``--seconds`` file to its
-  first chunk (what a listener of the app's Decode tab waits), fp32.
+* ``stream_<schedule>``: `Codec.decode_stream` on one ``--seconds`` file, fp32, with each
+  schedule (``playback``, the default, and ``batch``): how long a player must wait before it
+  starts to play without a gap to the end (the largest lateness of a chunk behind playback
+  started at 0), the first chunk's arrival and the end (what a listener of the app's Decode
+  tab waits).
 * ``encode``: `Codec.encode` (chunked, batched) on ``--encode-seconds`` of speech.
 
 Each decoding row gives samples/s and the speed as a multiple of real time (>1: faster than
@@ -148,17 +151,21 @@ def onnx_decode(codec: Codec, n: int, folded: bool, files: int = 1) -> float:
     return files * n / (time.perf_counter() - t)
 
 
-def first_audio_seconds(codec: Codec, n: int) -> float:
-    """Wall time until `decode_stream` yields its first chunk (then the stream is closed)."""
+def stream_timing(codec: Codec, n: int, schedule: str) -> dict:
+    """`decode_stream` on ``n`` samples: seconds until a player can start and never stall
+    (``max(arrival - start of the chunk)`` over chunks), to the first chunk and to the end."""
     f = codec.geometry.padding(n)[2]
     codes = np.random.default_rng(0).integers(0, codec.codebook_size, f)
     codec.decode(codes[: codec.cond_kernel + 8], seed=0)  # warm the sessions
     t = time.perf_counter()
-    stream = codec.decode_stream(codes, seed=1, n_samples=n, interval=0.01)
-    next(stream)
-    elapsed = time.perf_counter() - t
-    stream.close()
-    return elapsed
+    at, first, delay = 0, None, 0.0
+    for chunk in codec.decode_stream(codes, seed=1, n_samples=n, interval=0.01, schedule=schedule):
+        now = time.perf_counter() - t
+        first = now if first is None else first
+        delay = max(delay, now - at / codec.sample_rate)
+        at += len(chunk)
+    total = time.perf_counter() - t
+    return {"delay_s": round(delay, 3), "first_s": round(first, 3), "total_s": round(total, 3)}
 
 
 def encode_speed(codec: Codec, seconds: float) -> float:
@@ -208,14 +215,9 @@ def run_config(config: str, args, machine: float, emit) -> None:
                 }
             )
         codec = Codec(tmp, threads=args.threads)
-        emit(
-            {
-                "config": config,
-                "method": "stream_first_audio",
-                "precision": "fp32",
-                "seconds": round(first_audio_seconds(codec, n), 3),
-            }
-        )
+        for schedule in ("playback", "batch"):
+            timing = stream_timing(codec, n, schedule)
+            emit({"config": config, "method": f"stream_{schedule}", "precision": "fp32", **timing})
         emit(
             {
                 "config": config,
@@ -232,8 +234,9 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "seconds" in r:  # stream_first_audio: a latency, not a rate
-            r = {**r, "realtime": f"first audio after {r['seconds']} s"}
+        if "delay_s" in r:  # stream_*: latencies, not a rate
+            text = "plays without gaps after {delay_s} s (first chunk {first_s} s, end {total_s} s)"
+            r = {**r, "realtime": text.format(**r)}
         lines.append(
             f"| {r['config']} | {r['method']} | {r['precision']} | {r.get('samples_per_s', '')} "
             f"| {r['realtime']} | {r.get('macs_per_sample', '')} "

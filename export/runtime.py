@@ -329,6 +329,9 @@ class Codec:
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
     # 3070 slots at `default`: 400 MB for 128 rows.
     max_rows: int = 128
+    # Segments in `decode_stream`'s first wave: 1 s of audio at eighth-second segments, which
+    # `small` generates in about 0.8 s here (fewer start no sooner, more later).
+    first_wave: int = 8
 
     def __init__(
         self,
@@ -595,38 +598,75 @@ class Codec:
         segment: int | None = None,
         overlap: int | None = None,
         interval: float = 0.25,
+        schedule: str = "playback",
     ) -> Iterator[np.ndarray]:
         """`decode`, yielding the waveform in consecutive chunks as soon as they are final.
 
-        The schedule is `decode`'s (so the chunks concatenate to exactly its output): the
-        first segment's samples become final as they are generated, later segments as they
-        finish (workers take segments in order, so long files arrive a batch of segments at a
-        time). The first segment is what a listener hears meanwhile: a server that streams may
-        want longer ones (``Codec(min_segment_s=...)``). The final prefix is polled every
-        ``interval`` seconds and yielded when it grew.
+        ``schedule="playback"`` (default) serves a listener. The file is cut into
+        `min_segment` segments (not `auto_segment`'s), generated in waves of consecutive
+        segments: the first `first_wave` segments, each next wave twice as many. Each wave is
+        one chunk, generated while the earlier ones play, so a player can start on the first
+        chunk and run without gaps where the engine is faster than real time (the README's
+        ``stream_playback_delay``). One batch would make the listener wait for all of it.
+        Small waves cost throughput (an 8 s file at ``small`` ends about 1.4x later), so once
+        a wave takes longer than the audio it holds, the rest runs as one batch.
+
+        ``schedule="batch"`` runs `decode`'s schedule, so the chunks concatenate to exactly its
+        output. The first segment's samples become final as they are generated, the others
+        when the whole batch ends. The final prefix is polled every ``interval`` seconds and
+        yielded when it grew.
+
+        Either way a stream is reproducible for a seed. The waves generate the same segments
+        from the same noise as one batch. In fp32 they give `decode`'s samples for the same
+        ``segment`` (a row's products do not depend on the rows beside it). int8 quantises
+        each product's input with one scale over its rows, so int8 samples depend on the
+        batch.
         """
+        if schedule not in ("playback", "batch"):
+            raise ValueError(f"schedule must be 'playback' or 'batch', not {schedule!r}")
         req = DecodeRequest(codes, speaker, n_samples, seed)
+        if schedule == "playback":
+            segment = segment or self.min_segment
         streams, cond, plans = self._plan([req], segment, overlap)
         ((n, bounds, overlap, _),) = plans
         live = _Live(len(streams))
+        live.total = sum(self.context + s.length for s in streams)
+        # Chunks end where waves end: a player that starts on a part of a wave stalls.
+        marks: list[int] | None = [] if schedule == "playback" else None
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                self._run(streams, cond, None, live=live)
+                if marks is None:
+                    self._run(streams, cond, None, live=live)
+                    return
+                lo, size = 0, max(1, self.first_wave)
+                while lo < len(streams) and not live.cancelled:
+                    hi = len(streams) if len(streams) - lo < 2 * size else lo + size
+                    marks.append(bounds[hi][0] - overlap if hi < len(streams) else n)
+                    started = time.perf_counter()
+                    self._run(streams, cond, None, live=live, order=range(lo, hi), spread=True)
+                    seconds = (bounds[hi - 1][1] - bounds[lo][0]) / self.sample_rate
+                    if time.perf_counter() - started > seconds:  # the listener overtakes
+                        size = len(streams)  # waves: the rest as one batch, the fastest way
+                    lo, size = hi, 2 * size
             except BaseException as e:  # re-raised by the generator
                 failure.append(e)
 
         worker = threading.Thread(target=run, name="vqwavenet-stream", daemon=True)
         worker.start()
         try:
-            yield from self._poll(live, worker, failure, bounds, overlap, n, progress, interval)
+            yield from self._poll(
+                live, worker, failure, bounds, overlap, n, progress, interval, marks
+            )
         finally:  # also when the consumer stops early (closed generator): stop the workers
             live.cancelled = True  # they stop after their current call
             worker.join()  # before close() returns: a process may exit right after it
 
-    def _poll(self, live, worker, failure, bounds, overlap, n, progress, interval):
-        """`decode_stream`'s loop: yield the final prefix whenever it grew."""
+    def _poll(self, live, worker, failure, bounds, overlap, n, progress, interval, marks):
+        """`decode_stream`'s loop: yield the final prefix whenever it grew (``marks=None``)
+        or reached one of ``marks`` (sample counts, the last being ``n``; appended to as the
+        work is planned)."""
         emitted = 0
         while emitted < n:
             ended = not worker.is_alive()
@@ -635,6 +675,8 @@ class Codec:
             with live.lock:
                 produced = [live.produced(i) for i in range(len(live.results))]
                 ready = self._final_prefix(bounds, overlap, produced)
+                if marks is not None:  # the last mark reached, if any passed since `emitted`
+                    ready = max([emitted] + [m for m in marks if m <= ready])
                 if ready > emitted:
                     segs = [live.view(i) for i in range(len(live.results))]
                     chunk = self._compose(bounds, overlap, segs, emitted, ready)
@@ -838,23 +880,30 @@ class Codec:
         progress,
         *,
         live: _Live | None = None,
+        order: Sequence[int] | None = None,
+        spread: bool = False,
     ) -> list[np.ndarray]:
-        """Run all streams, split between worker threads; results in stream order.
+        """Run the streams ``order`` (default: all), split between worker threads; results in
+        stream order.
 
         Workers take streams round-robin in order (so the first segments of a file come
         first, for `decode_stream`); each owns a queue and a batch of at most `max_rows` rows,
-        and a row that finishes its stream takes the next one from its queue."""
-        order = list(range(len(streams)))
-        workers = max(1, min(self.workers, len(streams) // self.streams_per_worker))  # see class
+        and a row that finishes its stream takes the next one from its queue. ``spread``: use
+        every worker however few the streams (latency over throughput, see the class)."""
+        order = list(range(len(streams))) if order is None else list(order)
+        fill = 1 if spread else self.streams_per_worker
+        workers = max(1, min(self.workers, len(order) // fill))  # see the class
         groups = [g for g in (order[w::workers] for w in range(workers)) if g]
-        live = live or _Live(len(streams))
-        live.done = [0] * len(groups)
-        live.total = sum(self.context + s.length for s in streams)
+        if live is None:
+            live = _Live(len(streams))
+            live.total = sum(self.context + s.length for s in streams)
+        first = len(live.done)  # a live record may span several calls (`decode_stream`)
+        live.done.extend([0] * len(groups))
         errors: list[BaseException] = []
 
         def work(w: int) -> None:
             try:
-                self._run_group(streams, groups[w], cond, live, w)
+                self._run_group(streams, groups[w], cond, live, first + w)
             except BaseException as e:  # re-raised in the calling thread
                 errors.append(e)
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import soundfile as sf
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 
 from app.__main__ import main as app_main
 from app.pictures import codes_image, spectrogram_image
@@ -122,6 +124,16 @@ def streamed_pcm(playlist_url: str) -> tuple[np.ndarray, int, int]:
     return audio, sr, len(segments)
 
 
+def all_outputs(job, timeout: float = 30) -> list:
+    """Every update ``job`` streamed. The client can return a generator's result before its
+    listener thread has recorded the updates that preceded it; the FINISHED status comes
+    after them."""
+    deadline = time.monotonic() + timeout
+    while job.status().code != Status.FINISHED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return job.outputs()
+
+
 def best_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> float:
     """Largest normalised correlation of ``x`` against ``y`` delayed by 0..max_lag samples
     (an AAC encoder delays its output by its priming samples)."""
@@ -134,10 +146,23 @@ def best_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> float:
     return best
 
 
-def test_app_streams_decoded_audio_then_offers_the_exact_wav(app_server, tmp_path):
+def test_app_streams_decoded_audio_then_offers_the_exact_wav(app_server, tmp_path, monkeypatch):
     url, service = app_server
     if shutil.which("ffmpeg") is None:
         pytest.fail("ffmpeg missing (Gradio streams audio through it): `apt-get install -y ffmpeg`")
+    # Waves of 2, 4 and 9 eighth-second segments: three chunks from 1.9 s (the default first
+    # wave, 8 segments, would make the whole file one chunk), paced as a trained model's
+    # would be (the random tiny one makes all three in well under a second, and Gradio may
+    # then send them as one update).
+    monkeypatch.setattr(service.codec, "first_wave", 2)
+    engine = service.codec.decode_stream
+
+    def paced(*args, **kwargs):
+        for i, chunk in enumerate(engine(*args, **kwargs)):
+            time.sleep(0.5 if i else 0)
+            yield chunk
+
+    monkeypatch.setattr(service.codec, "decode_stream", paced)
     codes_path = long_codes(service, tmp_path)
     cf = CodesFile.read(codes_path)
     c = Client(url, verbose=False, download_files=False, analytics_enabled=False)
@@ -153,10 +178,9 @@ def test_app_streams_decoded_audio_then_offers_the_exact_wav(app_server, tmp_pat
     np.testing.assert_array_equal(got, to_int16(want))
 
     # The player got a stream, fed over several updates, not one value at the end.
-    streamed = [
-        out[0] for out in job.outputs() if isinstance(out[0], dict) and out[0].get("is_stream")
-    ]
-    assert len(streamed) >= 2, job.outputs()
+    outputs = all_outputs(job)
+    streamed = [out[0] for out in outputs if isinstance(out[0], dict) and out[0].get("is_stream")]
+    assert len(streamed) >= 2, outputs
     assert player == {"__type__": "update"}  # the last update leaves the stream as it is
     audio, stream_sr, segments = streamed_pcm(streamed[-1]["url"])
     assert segments >= 2

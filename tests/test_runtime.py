@@ -11,11 +11,13 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from export import runtime
 from export.onnx_export import export_model, load_checkpoint
 from export.runtime import Codec, DecodeRequest, ModelDirError
 from tests.test_export import clip, make_checkpoint, teacher_forced_reference
@@ -233,7 +235,7 @@ def test_resynthesize_returns_the_input_length_at_the_model_rate(tiny):
 
 
 def test_decode_stream_chunks_concatenate_to_decode(tiny):
-    """Streaming runs `decode`'s schedule: its chunks are exactly the decoded audio, and the
+    """The batch schedule runs `decode`'s: its chunks are exactly the decoded audio, and the
     first one arrives while later segments are still being generated."""
     _, out = tiny
     codec = Codec(out, workers=2)
@@ -243,12 +245,51 @@ def test_decode_stream_chunks_concatenate_to_decode(tiny):
     whole = codec.decode(codes, **kwargs)
     seen = []
     chunks = list(
-        codec.decode_stream(codes, **kwargs, interval=0.01, progress=lambda d, t: seen.append(d))
+        codec.decode_stream(
+            codes, **kwargs, interval=0.01, progress=lambda d, t: seen.append(d), schedule="batch"
+        )
     )
     assert len(chunks) > 2
     assert np.array_equal(np.concatenate(chunks), whole)
     assert len(chunks[0]) < 2000  # the first segment's samples, before it finished
     assert seen == sorted(seen)
+
+
+def test_playback_stream_yields_whole_waves_of_decode(tiny, monkeypatch):
+    """The playback schedule generates the same segments in waves of 2, 4, 8, ... segments
+    and yields each wave whole, ending where the next wave's first segment takes over; in
+    fp32 the waves give `decode`'s samples. Once a wave takes longer than its audio lasts,
+    the rest is one batch. The engine reads a fake clock: waves that take no time, then
+    waves that take 1000 s each."""
+    _, out = tiny
+    codec = Codec(out, workers=2)
+    codec.first_wave = 2
+    codes = codec.encode(clip("agent-newlocation", 12000))
+    kwargs = dict(speaker=1, seed=3, n_samples=12000, segment=1000, overlap=100)
+    whole = codec.decode(codes, **kwargs)
+
+    def run(clock):
+        fake = SimpleNamespace(perf_counter=lambda: next(clock), sleep=time.sleep)
+        with monkeypatch.context() as m:
+            m.setattr(runtime, "time", fake)
+            seen = []
+            progress = lambda done, total: seen.append(done)  # noqa: E731
+            chunks = list(codec.decode_stream(codes, **kwargs, interval=0.01, progress=progress))
+        assert seen == sorted(seen) and seen[-1] > 0
+        assert np.array_equal(np.concatenate(chunks), whole)
+        return [len(c) for c in chunks]
+
+    # 12 segments: waves [0, 2), [2, 6), [6, 12) (a last wave shorter than 8 joins the one
+    # before); each chunk ends at the next wave's start less the overlap.
+    assert run(iter(lambda: 0.0, None)) == [2000 - 100, 4000, 12000 - 5900]
+    assert run(iter(range(0, 10**9, 1000))) == [2000 - 100, 12000 - 1900]
+
+
+def test_decode_stream_refuses_an_unknown_schedule(tiny):
+    _, out = tiny
+    codec = Codec(out)
+    with pytest.raises(ValueError, match="schedule"):
+        next(codec.decode_stream(np.zeros(4, np.int64), schedule="fast"))
 
 
 def test_final_prefix_waits_for_the_next_segment_head():
@@ -395,22 +436,24 @@ def test_a_model_dir_of_an_older_format_asks_for_a_re_export(tiny, tmp_path):
         Codec(old)
 
 
-def test_closing_a_decode_stream_stops_its_workers(tiny):
+@pytest.mark.parametrize("schedule", ["batch", "playback"])
+def test_closing_a_decode_stream_stops_its_workers(tiny, schedule):
     """A consumer that goes away (a browser tab closed mid-decode) must not leave generation
     running: closing the generator stops the workers within a step, and returns only once
     they have stopped (a script may exit right after; a worker inside onnxruntime at exit
-    aborts the process)."""
+    aborts the process). The playback schedule stops inside its second wave."""
     _, out = tiny
     codec = Codec(out, workers=2)
     codec.streams_per_worker = 1
-    codes = np.random.default_rng(0).integers(0, codec.codebook_size, 50 * 120)  # 2 minutes
-    stream = codec.decode_stream(codes, seed=1, segment=16000, interval=0.01)
+    codec.first_wave = 1
+    codes = np.random.default_rng(0).integers(0, codec.codebook_size, 24000)  # 24 segments
+    stream = codec.decode_stream(codes, seed=1, segment=16000, interval=0.01, schedule=schedule)
     first = next(stream)
     assert 0 < len(first) < codec.max_samples(len(codes))
     assert any(t.name.startswith("vqwavenet-") for t in threading.enumerate())
     started = time.monotonic()
-    stream.close()  # the whole decode takes tens of seconds (the control: without the stop)
-    assert time.monotonic() - started < 2
+    stream.close()  # the control: the whole decode takes 1.8 s (batch) or 7 s (playback)
+    assert time.monotonic() - started < 1
     assert not any(t.name.startswith("vqwavenet-") for t in threading.enumerate())
 
 
