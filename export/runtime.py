@@ -1,4 +1,4 @@
-"""Inference without PyTorch: onnxruntime + numpy (+ soxr to resample).
+"""Inference without PyTorch: onnxruntime and numpy (audio in through `export.audio`).
 
     codec = Codec("exported/small")
     codes = codec.encode(wave, sr)                     # [F] int64, 50 Hz
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import soxr
 
+from export.audio import load_audio
 from model.geometry import CodecGeometry, Conv, Upsample
 
 FORMAT = "vqwavenet-onnx"
@@ -381,6 +381,7 @@ class Codec:
         self.parallel_warmup = True
         self._batches: list[_StepBatch] = []  # idle step batches, see `_take_batch`
         self._batches_lock = threading.Lock()
+        self._waves_fell_behind = False  # see `decode_stream`
         self.int8 = int8
         self.model_id: str = meta["model_id"]
         self.sample_rate: int = int(meta["sample_rate"])
@@ -435,21 +436,11 @@ class Codec:
     # --- audio and speakers -------------------------------------------------------------------
 
     def to_model_rate(self, wav: np.ndarray, sr: int | None = None) -> np.ndarray:
-        """Mono float32 in [-1, 1] at the model's rate from ``[n]`` or ``[n, channels]``
-        (integer PCM is scaled)."""
-        x = np.asarray(wav)
-        if np.issubdtype(x.dtype, np.integer):
-            x = x.astype(np.float32) / float(-np.iinfo(x.dtype).min)
-        x = x.astype(np.float32, copy=False)
-        if x.ndim == 2:
-            x = x.mean(axis=1)
-        if x.ndim != 1:
-            raise ValueError(f"expected audio [n] or [n, channels], got shape {x.shape}")
-        if sr is not None and sr != self.sample_rate:
-            x = soxr.resample(x, sr, self.sample_rate).astype(np.float32)
-        if len(x) == 0:
-            raise ValueError("empty audio")
-        return np.clip(x, -1.0, 1.0)
+        """Mono float32 in [-1, 1] at the model's rate from ``[n]`` or ``[n, channels]`` at
+        ``sr`` (default: the model's; integer PCM is scaled): `export.audio.load_audio`'s
+        checks and conversion, silence allowed. Raises `AudioError` (a ``ValueError``)."""
+        sr = self.sample_rate if sr is None else sr
+        return load_audio((sr, np.asarray(wav)), self.sample_rate, None, allow_silence=True)
 
     def speaker_index(self, speaker: int | str) -> int:
         if isinstance(speaker, str) and not speaker.isdigit():
@@ -608,8 +599,10 @@ class Codec:
         one chunk, generated while the earlier ones play, so a player can start on the first
         chunk and run without gaps where the engine is faster than real time (the README's
         ``stream_playback_delay``). One batch would make the listener wait for all of it.
-        Small waves cost throughput (an 8 s file at ``small`` ends about 1.4x later), so once
-        a wave takes longer than the audio it holds, the rest runs as one batch.
+        Small waves cost throughput (the last chunk of an 8 s ``small`` file comes 1.4-1.7x
+        later), so once a wave takes longer than the audio it holds, the rest runs as one
+        batch, and so do the codec's later playback streams (`decode`'s segments) until one
+        of them runs at over twice real time.
 
         ``schedule="batch"`` runs `decode`'s schedule, so the chunks concatenate to exactly its
         output. The first segment's samples become final as they are generated, the others
@@ -625,20 +618,25 @@ class Codec:
         if schedule not in ("playback", "batch"):
             raise ValueError(f"schedule must be 'playback' or 'batch', not {schedule!r}")
         req = DecodeRequest(codes, speaker, n_samples, seed)
-        if schedule == "playback":
+        waves = schedule == "playback" and not self._waves_fell_behind
+        if waves:
             segment = segment or self.min_segment
         streams, cond, plans = self._plan([req], segment, overlap)
         ((n, bounds, overlap, _),) = plans
         live = _Live(len(streams))
         live.total = sum(self.context + s.length for s in streams)
         # Chunks end where waves end: a player that starts on a part of a wave stalls.
-        marks: list[int] | None = [] if schedule == "playback" else None
+        marks: list[int] | None = [] if waves else None
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 if marks is None:
+                    started = time.perf_counter()
                     self._run(streams, cond, None, live=live)
+                    if schedule == "playback" and not live.cancelled:  # do waves pay again?
+                        fast = 2 * (time.perf_counter() - started) < n / self.sample_rate
+                        self._waves_fell_behind = not fast
                     return
                 lo, size = 0, max(1, self.first_wave)
                 while lo < len(streams) and not live.cancelled:
@@ -649,6 +647,7 @@ class Codec:
                     seconds = (bounds[hi - 1][1] - bounds[lo][0]) / self.sample_rate
                     if time.perf_counter() - started > seconds:  # the listener overtakes
                         size = len(streams)  # waves: the rest as one batch, the fastest way
+                        self._waves_fell_behind = True
                     lo, size = hi, 2 * size
             except BaseException as e:  # re-raised by the generator
                 failure.append(e)

@@ -226,6 +226,22 @@ def test_codec_rejects_a_tampered_model_dir(tiny, tmp_path):
         Codec(tmp_path)
 
 
+def test_codec_audio_input_goes_through_load_audio(tiny):
+    """`Codec.to_model_rate` (behind encode and resynthesize) converts as `load_audio` does:
+    channels mixed in either orientation, integer PCM scaled, resampled; NaN refused."""
+    _, out = tiny
+    codec = Codec(out)
+    x = clip("activated", 4000)[::2]  # 2000 samples at 8 kHz
+    mono = codec.to_model_rate(x, 8000)
+    assert mono.shape == (4000,) and mono.dtype == np.float32
+    np.testing.assert_array_equal(codec.to_model_rate(np.stack([x, x], 1), 8000), mono)
+    np.testing.assert_array_equal(codec.to_model_rate(np.stack([x, x]), 8000), mono)
+    pcm = np.round(x * 32768).clip(-32768, 32767).astype(np.int16)
+    np.testing.assert_allclose(codec.to_model_rate(pcm, 8000), mono, atol=1e-4)
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode(np.full(1600, np.nan, np.float32))
+
+
 def test_resynthesize_returns_the_input_length_at_the_model_rate(tiny):
     _, out = tiny
     codec = Codec(out)
@@ -259,30 +275,42 @@ def test_playback_stream_yields_whole_waves_of_decode(tiny, monkeypatch):
     """The playback schedule generates the same segments in waves of 2, 4, 8, ... segments
     and yields each wave whole, ending where the next wave's first segment takes over; in
     fp32 the waves give `decode`'s samples. Once a wave takes longer than its audio lasts,
-    the rest is one batch. The engine reads a fake clock: waves that take no time, then
-    waves that take 1000 s each."""
+    the rest is one batch, and so is the next stream, until a batch runs at over twice real
+    time. The engine reads a fake clock: calls that take no time, or 1000 s each."""
     _, out = tiny
     codec = Codec(out, workers=2)
     codec.first_wave = 2
     codes = codec.encode(clip("agent-newlocation", 12000))
     kwargs = dict(speaker=1, seed=3, n_samples=12000, segment=1000, overlap=100)
     whole = codec.decode(codes, **kwargs)
+    engine = codec._run
 
-    def run(clock):
+    def stream(clock) -> tuple[list[int], list[int | None]]:
+        """Chunk lengths, and the streams of each engine call (``None``: all)."""
         fake = SimpleNamespace(perf_counter=lambda: next(clock), sleep=time.sleep)
+        calls, seen = [], []
+
+        def spy(*args, order=None, **kw):
+            calls.append(None if order is None else len(order))
+            return engine(*args, order=order, **kw)
+
         with monkeypatch.context() as m:
             m.setattr(runtime, "time", fake)
-            seen = []
+            m.setattr(codec, "_run", spy)
             progress = lambda done, total: seen.append(done)  # noqa: E731
             chunks = list(codec.decode_stream(codes, **kwargs, interval=0.01, progress=progress))
         assert seen == sorted(seen) and seen[-1] > 0
         assert np.array_equal(np.concatenate(chunks), whole)
-        return [len(c) for c in chunks]
+        return [len(c) for c in chunks], calls
 
+    fast, slow = (lambda: iter(lambda: 0.0, None)), (lambda: iter(range(0, 10**9, 1000)))
     # 12 segments: waves [0, 2), [2, 6), [6, 12) (a last wave shorter than 8 joins the one
     # before); each chunk ends at the next wave's start less the overlap.
-    assert run(iter(lambda: 0.0, None)) == [2000 - 100, 4000, 12000 - 5900]
-    assert run(iter(range(0, 10**9, 1000))) == [2000 - 100, 12000 - 1900]
+    assert stream(fast()) == ([2000 - 100, 4000, 12000 - 5900], [2, 4, 6])
+    assert stream(slow()) == ([2000 - 100, 12000 - 1900], [2, 10])
+    assert stream(slow())[1] == [None]  # one batch, slower than real time
+    assert stream(fast())[1] == [None]  # one batch, at over twice real time: waves pay again
+    assert stream(fast()) == ([2000 - 100, 4000, 12000 - 5900], [2, 4, 6])
 
 
 def test_decode_stream_refuses_an_unknown_schedule(tiny):
