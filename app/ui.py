@@ -5,13 +5,14 @@ user sees what is wrong and the server goes on serving; an unexpected failure is
 traceback and reported as an internal error, never as a dead worker. Endpoints (for
 ``gradio_client``): ``/encode``, ``/decode``, ``/resynthesize``.
 
-Decoding streams: the Decode tab's player starts on the first wave of segments the engine has
-final (`CodecService.decode_stream`; later waves are generated while it plays) while a progress
-bar runs, and the complete 16-bit wav is offered as a file at the end. Gradio streams audio
-output as AAC through ffmpeg, so the player streams only where ffmpeg is on PATH; without it
-the player gets the whole wav at the end. Either way ``/decode`` returns
-(player, wav file): the wav holds exactly the engine's samples, and the player's last value is
-that wav, or a no-change update when it was streamed (the stream's chunks come before it).
+Decoding streams: the Decode and Resynthesise tabs' players start on the first wave of
+segments the engine has final (`CodecService.decode_stream`; later waves are generated while it
+plays) while a progress bar runs, and the complete 16-bit wav is offered as a file at the end.
+Gradio streams audio output as AAC through ffmpeg, so the players stream only where ffmpeg is
+on PATH; without it they get the whole wav at the end. Either way ``/decode`` returns (player,
+wav file) and ``/resynthesize`` (original, player, original spectrogram, spectrogram, wav
+file): the wav holds exactly the engine's samples, and the player's last value is that wav, or
+a no-change update when it was streamed (the stream's chunks come before it).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def build_demo(
 ) -> gr.Blocks:
     """The app's Blocks, not launched and without a queue (`serve` does both).
 
-    ``stream``: whether the Decode tab streams its audio (default: where `can_stream_audio`)."""
+    ``stream``: whether the Decode and Resynthesise tabs stream their audio (default: where
+    `can_stream_audio`)."""
     scratch = scratch or Scratch()
     stream = can_stream_audio() if stream is None else stream
     speakers = service.speakers
@@ -182,17 +184,26 @@ def build_demo(
             raise _fail(e, codes_path) from None
 
     def resynthesize(audio, speaker, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        """Encode, show the original, then decode as the Decode tab does (streamed)."""
         try:
-            cb = _progress_callback(progress, "generating")
-            enc, wave = service.resynthesize(audio, speaker, seed, cb)
+            enc = service.encode(audio, speaker)
             sr = service.sample_rate
             stem = Path(audio).stem if isinstance(audio, str) else "speech"
-            return (
-                _audio_out(service, scratch, enc.wave, f"{stem}.wav"),
-                _audio_out(service, scratch, wave, f"{stem}.resynth.wav"),
-                _image_out(scratch, spectrogram_image(enc.wave, sr), f"{stem}.png"),
-                _image_out(scratch, spectrogram_image(wave, sr), f"{stem}.resynth.png"),
-            )
+            cb = _progress_callback(progress, "generating")
+            chunks = service.decode_stream(enc.codes, speaker, seed, cb)  # refusals raise here
+            original = _audio_out(service, scratch, enc.wave, f"{stem}.wav")
+            picture = _image_out(scratch, spectrogram_image(enc.wave, sr), f"{stem}.png")
+            yield original, gr.skip(), picture, gr.skip(), gr.skip()
+            parts = []
+            for chunk in chunks:
+                parts.append(chunk)
+                if stream:
+                    yield gr.skip(), _wav_bytes(service, chunk), gr.skip(), gr.skip(), gr.skip()
+            wave = np.concatenate(parts)
+            path = _audio_out(service, scratch, wave, f"{stem}.resynth.wav")
+            out_picture = _image_out(scratch, spectrogram_image(wave, sr), f"{stem}.resynth.png")
+            # The last update is what an API client gets: every output but a streamed player.
+            yield original, (gr.skip() if stream else path), picture, out_picture, path
         except Exception as e:
             raise _fail(e, audio) from None
 
@@ -276,10 +287,20 @@ def build_demo(
                         )
                         res_orig_spec = gr.Image(label="Original spectrogram")
                     with gr.Column():
-                        res_out = gr.Audio(
-                            label="Resynthesised", elem_id="resynth-output", **PLAYER
-                        )
+                        if stream:
+                            res_out = gr.Audio(
+                                label="Resynthesised (plays as it is generated)",
+                                streaming=True,
+                                autoplay=True,
+                                buttons=[],  # the wav below is the download
+                                elem_id="resynth-output",
+                            )
+                        else:
+                            res_out = gr.Audio(
+                                label="Resynthesised", elem_id="resynth-output", **PLAYER
+                            )
                         res_out_spec = gr.Image(label="Resynthesised spectrogram")
+                        res_wav = gr.File(label="Resynthesised (.wav)", elem_id="resynth-wav")
 
         enc_button.click(
             encode,
@@ -297,8 +318,9 @@ def build_demo(
         res_button.click(
             resynthesize,
             [res_in, res_speaker, res_seed],
-            [res_orig, res_out, res_orig_spec, res_out_spec],
+            [res_orig, res_out, res_orig_spec, res_out_spec, res_wav],
             api_name="resynthesize",
+            show_progress_on=res_wav,  # not over the player while it plays
         )
     return demo
 

@@ -77,13 +77,16 @@ def test_app_encode_decode_resynthesize_end_to_end(app_server, app_inputs, tmp_p
     other, _ = sf.read(decode(c, codes_path, "IvrvoiceRU", 0), dtype="int16")
     assert other.shape == (n,) and not np.array_equal(other, wave)  # another voice
 
-    original, resynth, spec_in, spec_out = c.predict(
+    original, player, spec_in, spec_out, resynth = c.predict(
         handle_file(str(app_inputs.clip)), "IvrvoiceRU", 3, api_name="/resynthesize"
     )
     x, _ = sf.read(original, dtype="int16")
     np.testing.assert_array_equal(x, sf.read(app_inputs.clip, dtype="int16")[0])
     y, sr = sf.read(resynth, dtype="int16")
     assert sr == service.sample_rate and y.shape == (n,)
+    want = service.resynthesize(str(app_inputs.clip), "IvrvoiceRU", 3)[1]
+    np.testing.assert_array_equal(y, to_int16(want))  # the streamed wave, exactly
+    assert player == {"__type__": "update"}  # streamed (ffmpeg is here), left as it is
     assert Path(spec_in).stat().st_size > 0 and Path(spec_out).stat().st_size > 0
 
 
@@ -215,14 +218,18 @@ def test_app_without_ffmpeg_plays_the_whole_wav_instead(app_model_dir, app_input
                 player, wav = c.predict(
                     handle_file(str(app_inputs.codes)), FROM_FILE, 0, api_name="/decode"
                 )
+                *_, res_player, _, _, res_wav = c.predict(
+                    handle_file(str(app_inputs.clip)), "Carlo", 1, api_name="/resynthesize"
+                )
             finally:
                 demo.close()
     cf = CodesFile.read(app_inputs.codes)
     want = to_int16(service.codec.decode(cf.codes, cf.speaker_index, 0, n_samples=cf.num_samples))
-    for path in (player, wav):
+    resynth = to_int16(service.resynthesize(str(app_inputs.clip), "Carlo", 1)[1])
+    for path, expected in ((player, want), (wav, want), (res_player, resynth), (res_wav, resynth)):
         got, sr = sf.read(path, dtype="int16")
         assert sr == service.sample_rate
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_app_accepts_odd_but_valid_formats(app_server, app_inputs, tmp_path):
