@@ -274,12 +274,15 @@ def build_demo(
                             sources=["upload", "microphone"],
                             type="filepath",
                             label=f"Speech (up to {limit})",
+                            elem_id="resynth-audio",
                         )
                         res_speaker = gr.Dropdown(
                             speakers, value=speakers[0], label="Target speaker"
                         )
                         res_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
-                        res_button = gr.Button("Resynthesise", variant="primary")
+                        res_button = gr.Button(
+                            "Resynthesise", variant="primary", elem_id="resynth-btn"
+                        )
                 with gr.Row():
                     with gr.Column():
                         res_orig = gr.Audio(

@@ -2,8 +2,8 @@
 
 Upload a wav, encode, decode, and check that an audio element with a playable source appears
 (the decoded speech streams into the player, which plays it to the end, and the complete wav is
-offered for download with the right duration); a bad upload shows its message; a
-recording from chromium's fake microphone encodes. Screenshots
+offered for download with the right duration); resynthesis streams the same way; a bad upload
+shows its message; a recording from chromium's fake microphone encodes. Screenshots
 go to ``artifacts/`` (git-ignored). ``make test`` installs chromium (the Makefile's ``system``).
 """
 
@@ -102,6 +102,34 @@ def test_browser_encode_then_decode_gives_a_playable_audio_element(page, app_ser
     info = sf.info(io.BytesIO(wav.body()))
     assert info.samplerate == 16000 and info.frames == n
     page.screenshot(path=str(ARTIFACTS / "browser_decode.png"), full_page=True)
+
+
+def test_browser_resynthesis_streams_into_the_player(page, app_server, app_inputs):
+    """The Resynthesise tab: the original plays back as encoded, the resynthesised speech
+    streams into its player, which plays it to the end, and its wav is offered."""
+    url, _ = app_server
+    if shutil.which("ffmpeg") is None:
+        pytest.fail("ffmpeg missing (Gradio streams audio through it): `apt-get install -y ffmpeg`")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(url)
+    page.get_by_role("tab", name="Resynthesise").click()
+    page.locator("#resynth-audio input[type=file]").set_input_files(str(app_inputs.clip))
+    page.locator("#resynth-btn").click()
+    page.locator("#resynth-original audio").wait_for(state="attached", timeout=60_000)
+    page.wait_for_function(
+        "() => { const a = document.querySelector('#resynth-output audio');"
+        " return a && a.currentSrc && a.ended && !a.error; }",
+        timeout=60_000,
+    )
+    duration = page.locator("#resynth-output audio").evaluate("a => a.duration")
+    n = sf.info(app_inputs.clip).frames
+    assert n / 16000 <= duration <= (n + 2 * 1024) / 16000 + 1e-3, duration
+    link = page.locator("#resynth-wav a[download]")
+    link.wait_for(timeout=60_000)
+    assert link.get_attribute("download") == "clip.resynth.wav"
+    info = sf.info(io.BytesIO(page.request.get(link.get_attribute("href")).body()))
+    assert info.samplerate == 16000 and info.frames == n
+    page.screenshot(path=str(ARTIFACTS / "browser_resynthesize.png"), full_page=True)
 
 
 def test_browser_shows_the_message_for_a_bad_upload(page, app_server, app_inputs):
