@@ -597,8 +597,9 @@ class Codec:
         `min_segment` segments (not `auto_segment`'s), generated in waves of consecutive
         segments: the first `first_wave` segments, each next wave twice as many. Each wave is
         one chunk, generated while the earlier ones play, so a player can start on the first
-        chunk and run without gaps where the engine is faster than real time (the README's
-        ``stream_playback_delay``). One batch would make the listener wait for all of it.
+        chunk and run without gaps where the engine is faster than real time (the
+        ``stream_playback`` rows of ``benchmarks.generation``). One batch would make the
+        listener wait for all of it.
         Small waves cost throughput (the last chunk of an 8 s ``small`` file comes 1.4-1.7x
         later), so once a wave takes longer than the audio it holds, the rest runs as one
         batch, and so do the codec's later playback streams (`decode`'s segments) until one
