@@ -109,6 +109,21 @@ def _image_out(scratch: Scratch, image: np.ndarray, name: str) -> str:
     return str(path)
 
 
+def _generated_player(label: str, elem_id: str, stream: bool) -> gr.Audio:
+    """The player of generated speech: streamed (the browser's own player, Gradio's choice for
+    streams, starting by itself; a wav file output beside it is the download) or, without
+    ffmpeg, a plain player that gets the whole wav at the end."""
+    if stream:
+        return gr.Audio(
+            label=f"{label} (plays as it is generated)",
+            streaming=True,
+            autoplay=True,
+            buttons=[],
+            elem_id=elem_id,
+        )
+    return gr.Audio(label=label, elem_id=elem_id, **PLAYER)
+
+
 def _fail(e: Exception, upload=None):
     """Map an exception to the error the user sees (``upload``: a server-side path that is
     shown by its file name only)."""
@@ -254,18 +269,7 @@ def build_demo(
                         dec_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
                         dec_button = gr.Button("Decode", variant="primary", elem_id="decode-btn")
                     with gr.Column():
-                        if stream:  # the browser's player (Gradio's choice for streams)
-                            dec_audio = gr.Audio(
-                                label="Decoded speech (plays as it is generated)",
-                                streaming=True,
-                                autoplay=True,
-                                buttons=[],  # the wav below is the download
-                                elem_id="decode-audio",
-                            )
-                        else:
-                            dec_audio = gr.Audio(
-                                label="Decoded speech", elem_id="decode-audio", **PLAYER
-                            )
+                        dec_audio = _generated_player("Decoded speech", "decode-audio", stream)
                         dec_wav = gr.File(label="Decoded speech (.wav)", elem_id="decode-wav")
             with gr.Tab("Resynthesise", id="resynthesize"):
                 with gr.Row():
@@ -290,18 +294,7 @@ def build_demo(
                         )
                         res_orig_spec = gr.Image(label="Original spectrogram")
                     with gr.Column():
-                        if stream:
-                            res_out = gr.Audio(
-                                label="Resynthesised (plays as it is generated)",
-                                streaming=True,
-                                autoplay=True,
-                                buttons=[],  # the wav below is the download
-                                elem_id="resynth-output",
-                            )
-                        else:
-                            res_out = gr.Audio(
-                                label="Resynthesised", elem_id="resynth-output", **PLAYER
-                            )
+                        res_out = _generated_player("Resynthesised", "resynth-output", stream)
                         res_out_spec = gr.Image(label="Resynthesised spectrogram")
                         res_wav = gr.File(label="Resynthesised (.wav)", elem_id="resynth-wav")
 
