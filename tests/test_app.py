@@ -180,10 +180,13 @@ def test_app_streams_decoded_audio_then_offers_the_exact_wav(app_server, tmp_pat
     assert sr == service.sample_rate and wav["orig_name"] == "long.decoded.wav"
     np.testing.assert_array_equal(got, to_int16(want))
 
-    # The player got a stream, fed over several updates, not one value at the end.
+    # The player got a stream (fed over several chunks: the HLS segments below), not one value
+    # at the end. How many of the updates before the last the client records varies (in 1 of
+    # about 8 runs only the last, even with the chunks half a second apart), so they are not
+    # counted.
     outputs = all_outputs(job)
     streamed = [out[0] for out in outputs if isinstance(out[0], dict) and out[0].get("is_stream")]
-    assert len(streamed) >= 2, outputs
+    assert streamed, outputs
     assert player == {"__type__": "update"}  # the last update leaves the stream as it is
     audio, stream_sr, segments = streamed_pcm(streamed[-1]["url"])
     assert segments >= 2
