@@ -531,3 +531,24 @@ def test_folded_nll_recovers_full_context_after_one_receptive_field(tiny):
     assert np.abs(cold[~settled] - full[~settled]).max() > 1e-3
     warm = codec.folded_nll([wave], speaker=1, segment=1000, overlap=ctx)[0]
     np.testing.assert_allclose(warm, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [[2**i for i in range(10)] * 2, [1, 2, 4, 8] * 2, [3, 5, 7, 11, 13], [1], [6, 6, 9]],
+)
+def test_ring_layout_never_reads_the_slot_it_writes(needs):
+    """Every ring is longer than the inputs it must hold (reads at lags 1 .. need, the write
+    at lag 0, all modulo its size) and divides the period, so step ``s``'s bindings equal
+    step ``s + period``'s."""
+    period, sizes = runtime.ring_layout(needs)
+    for need, size in zip(needs, sizes):
+        assert size > need and period % size == 0
+        assert 0 not in {lag % size for lag in range(1, need + 1)}
+
+
+def test_ring_layout_for_the_shipped_dilations():
+    """Dilations 1 ... 512 twice: period 520 and 2112 slots, against 768 and 3070 when each
+    ring was 1.5x its need."""
+    period, sizes = runtime.ring_layout([2**i for i in range(10)] * 2)
+    assert (period, sum(sizes)) == (520, 2112)
