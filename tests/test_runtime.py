@@ -552,3 +552,29 @@ def test_ring_layout_for_the_shipped_dilations():
     ring was 1.5x its need."""
     period, sizes = runtime.ring_layout([2**i for i in range(10)] * 2)
     assert (period, sum(sizes)) == (520, 2112)
+
+
+def test_int8_step_keeps_only_the_output_head_in_fp32(tmp_path):
+    """Every product of the int8 step is quantised but the head's two (the export checks it
+    too), and each layer's taps and current input share one quantised product."""
+    import onnx
+
+    ckpt = make_checkpoint(tmp_path / "m.pt", "tiny", seed=7)
+    model, speakers, _ = load_checkpoint(ckpt)
+    export_model(model, speakers, tmp_path / "q", int8=True)
+    nodes = onnx.load(str(tmp_path / "q" / "decoder_step.int8.onnx")).graph.node
+    fp32 = [n.input[1] for n in nodes if n.op_type == "MatMul"]
+    assert sorted(w.rsplit(".", 1)[-1] for w in fp32) == ["head1_w", "head2_w"]
+    quantised = [n for n in nodes if n.op_type == "MatMulInteger"]
+    n_layers = len(model.decoder.dilations)
+    assert len(quantised) == n_layers + (n_layers - 1) + 1  # dilated, residual, skip
+
+
+def test_bundled_int8_costs_under_a_thousandth_of_a_nat():
+    """Teacher-forced on the test clips, the bundled model's int8 step stays within 0.001
+    nats/sample of fp32. Control: quantising the output head too cost it 0.019."""
+    bundled = ROOT / "models" / "bundled"
+    waves = [clip(name, 8000) for name in ("activated", "agent-newlocation", "auth-incorrect")]
+    fp32 = Codec(bundled).cross_entropy(waves)
+    int8 = Codec(bundled, int8=True).cross_entropy(waves)
+    assert 0 < abs(int8 - fp32) < 1e-3
