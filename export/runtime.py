@@ -567,9 +567,11 @@ class Codec:
         within ~320 samples, and with a one-hop overlap eighth-second segments cost +0.0002
         nats/sample, quarter-second ones +0.0001 (``python -m benchmarks.fold_quality``; check
         your own model there). One 8 s file then gives 64 segments, 32 rows per worker, which
-        decoded it 10-25 % faster than 32 segments. An exact start costs a warm-up over the
-        receptive field per segment, hence the longer floor there. ``min_segment_s`` (a
-        constructor argument) overrides both."""
+        decoded it 10-25 % faster than 32 segments. Sampled, folding costs more than that: STOI
+        of the bundled model's resynthesis drops from 0.50 unfolded to 0.45 at eighth-second
+        segments and 0.47 at half-second ones (``python -m benchmarks.resynth_quality``). An
+        exact start costs a warm-up over the receptive field per segment, hence the longer
+        floor there. ``min_segment_s`` (a constructor argument) overrides both."""
         if self._min_segment_s is not None:
             return max(1, round(self._min_segment_s * self.sample_rate))
         if self.warmup == "steady":
