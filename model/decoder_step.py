@@ -43,10 +43,11 @@ class StepOutput:
 class DecoderStep(nn.Module):
     """Incremental form of a `WaveNetDecoder` (same function, teacher-forced or sampled).
 
-    Each layer costs one product per tap, a gate and one residual product; the skips are one
-    product at the end. Constant terms (dilated biases, and the residual biases carried along
-    the residual path, whose effect on every later layer's taps is a constant) live in
-    `condition`, so the rings hold inputs without them (see `StepOutput.current`).
+    Each layer costs one product per tap (one for all its taps in the form that int8 quantises,
+    see `layers`), a gate and one residual product; the skips are one product at the end.
+    Constant terms (dilated biases, and the residual biases carried along the residual path,
+    whose effect on every later layer's taps is a constant) live in `condition`, so the rings
+    hold inputs without them (see `StepOutput.current`).
     """
 
     def __init__(self, decoder: WaveNetDecoder):
