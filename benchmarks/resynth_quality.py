@@ -10,7 +10,8 @@ segments) might be audible even where the cross-entropy hardly moves. Here every
 encoded once, then decoded ``--seeds`` times per setting: unfolded (the clip as one segment),
 folded at each ``--segments`` length with the default one-hop cross-fade, in fp32 and, where the
 model directory has them, with the int8 graphs. Rows give the mean and its standard error over
-clips x seeds.
+clips x seeds, and the STOI difference from the unfolded fp32 decode of the same clip and seed
+(paired, so clip difficulty cancels).
 
 A WaveNet resynthesis is a new sample of the waveform, not a copy: its phase differs from the
 original's, so both metrics are far below what a transparent codec scores, even for a well
@@ -48,14 +49,26 @@ def resynthesise(codec: Codec, codes, n: int, speaker, seeds, segment: int | Non
     return codec.decode_many(reqs, segment=n + 1 if segment is None else segment)
 
 
-def summarise(label: dict, pairs: list[tuple[float, float]]) -> dict:
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the finite ``values``."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(se)
+
+
+def summarise(label: dict, pairs: list[tuple[float, float]], base=None) -> dict:
+    """Mean ± standard error of each metric; with ``base`` (the unfolded fp32 scores of the
+    same clips and seeds, in the same order) also the paired STOI difference from it, which
+    leaves out how much harder one clip is than another."""
     row = dict(label)
-    for name, values in zip(("pesq", "stoi"), np.array(pairs, dtype=np.float64).T):
-        values = values[np.isfinite(values)]
-        row[name] = float(values.mean()) if len(values) else float("nan")
-        row[f"{name}_se"] = (
-            float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
-        )
+    scores_ = np.array(pairs, dtype=np.float64)
+    for k, name in enumerate(("pesq", "stoi")):
+        row[name], row[f"{name}_se"] = mean_se(scores_[:, k])
+    if base is not None:
+        delta = scores_[:, 1] - np.array(base, dtype=np.float64)[:, 1]
+        row["stoi_vs_unfolded"], row["stoi_vs_unfolded_se"] = mean_se(delta)
     row["n"] = len(pairs)
     return row
 
@@ -92,23 +105,33 @@ def main(argv=None) -> int:
         summarise({"precision": "-", "segment_s": "original"}, [scores(w, w, sr) for w in waves])
     ]
     print(json.dumps(rows[-1]), flush=True)
+    base = None  # unfolded fp32, the reference of the paired differences
     for precision, codec in codecs:
         for segment in settings:
             pairs = []
             for wave, c in zip(waves, codes):
                 for out in resynthesise(codec, c, len(wave), speaker, seeds, segment):
                     pairs.append(scores(wave, out, sr))
+            base = pairs if base is None else base
             seconds = "unfolded" if segment is None else segment / sr
-            rows.append(summarise({"precision": precision, "segment_s": seconds}, pairs))
+            rows.append(summarise({"precision": precision, "segment_s": seconds}, pairs, base))
             print(json.dumps(rows[-1]), flush=True)
 
     total = sum(len(w) for w in waves) / sr
     print(f"\n{len(waves)} clips, {total:.1f} s, {args.seeds} seeds, model {args.model}")
-    print("\n| precision | segment (s) | PESQ-WB | STOI | decodes |\n|---|---|---|---|---|")
+    print(
+        "\n| precision | segment (s) | PESQ-WB | STOI | STOI - unfolded fp32 (paired) | decodes |"
+        "\n|---|---|---|---|---|---|"
+    )
     for r in rows:
+        paired = (
+            f"{r['stoi_vs_unfolded']:+.3f} ± {r['stoi_vs_unfolded_se']:.3f}"
+            if "stoi_vs_unfolded" in r
+            else ""
+        )
         print(
             f"| {r['precision']} | {r['segment_s']} | {r['pesq']:.3f} ± {r['pesq_se']:.3f} "
-            f"| {r['stoi']:.3f} ± {r['stoi_se']:.3f} | {r['n']} |"
+            f"| {r['stoi']:.3f} ± {r['stoi_se']:.3f} | {paired} | {r['n']} |"
         )
     return 0
 

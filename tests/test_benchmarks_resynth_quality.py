@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks.resynth_quality import main, scores
 from tests.conftest import DATA
@@ -44,7 +45,11 @@ def test_resynth_quality_prints_a_row_per_precision_and_setting(app_model_dir, c
     for r in decoded:
         assert r["n"] == 2 and r["stoi"] < original["stoi"] - 0.1
         assert r["pesq"] < original["pesq"] - 1 or np.isnan(r["pesq"])
-    assert "| precision | segment (s) | PESQ-WB | STOI | decodes |" in out
+    # Paired differences are taken against unfolded fp32, so its own row differs by 0.
+    assert decoded[0]["stoi_vs_unfolded"] == 0
+    for r in decoded[1:]:
+        assert r["stoi_vs_unfolded"] == pytest.approx(r["stoi"] - decoded[0]["stoi"])
+    assert "| precision | segment (s) | PESQ-WB | STOI | STOI - unfolded fp32 (paired) |" in out
 
 
 def test_resynth_quality_refuses_zero_seeds(app_model_dir, capsys):
