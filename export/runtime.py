@@ -194,6 +194,9 @@ class _Live:
         return self.partial[i][0] if self.partial[i] is not None else np.zeros(0, np.int64)
 
 
+_KEEP_ROW_COUNTS = 4  # binding sets a step batch keeps (`_StepBatch._use`)
+
+
 class _StepBatch:
     """One worker's step call: the ring store, the conditioning, input and output buffers, and
     one onnxruntime binding per step phase (built on first use) that points each tap at its
@@ -212,9 +215,11 @@ class _StepBatch:
         self.noise = np.zeros(rows, dtype=np.float32)
         self.sample = np.zeros(rows, dtype=np.int64)
         self.logits = np.zeros((rows, codec.q), dtype=np.float32) if logits else None
-        self._bindings: dict[int, ort.IOBinding] = {}
-        self._slots: dict[int, ort.OrtValue] = {}
-        self._fixed: dict[str, ort.OrtValue] = {}
+        # Bindings per row count: views of rows [0, m) stay valid for the batch's life, so a
+        # count seen before (a call of the size the batch was made for, after draining to
+        # fewer rows) binds no phase again. The most recent `_KEEP_ROW_COUNTS` are kept.
+        self._bound: dict[int, tuple[dict, dict, dict]] = {}
+        self._use(rows)
 
     def run(self, s: int) -> None:
         """One step at global step ``s``: reads the taps of ``s``, writes its inputs."""
@@ -232,14 +237,16 @@ class _StepBatch:
         """Run rows ``[0, rows)`` (at most `capacity`) for a new call. The rings keep the
         last call's values: every row is loaded before it is read, and a row's ring slots
         are read only after they are written or as the lags its start fills."""
-        if rows != self.m:
-            self.m = rows
-            self._drop_bindings()
+        self._use(rows)
 
-    def _drop_bindings(self) -> None:
-        self._bindings.clear()
-        self._slots.clear()
-        self._fixed = {}
+    def _use(self, rows: int) -> None:
+        """Make ``rows`` the row count that steps run, with its bindings (built on use)."""
+        self.m = rows
+        if rows not in self._bound:
+            self._bound[rows] = ({}, {}, {})
+            while len(self._bound) > _KEEP_ROW_COUNTS:
+                del self._bound[next(iter(self._bound))]  # the oldest
+        self._bindings, self._slots, self._fixed = self._bound[rows]
 
     def keep(self, rows: np.ndarray) -> None:
         """Move ``rows`` (in order) to the front and run only those from now on."""
@@ -247,8 +254,7 @@ class _StepBatch:
         self.store[:, :k] = self.store[:, rows]
         self.cond[:, :k] = self.cond[:, rows]
         self.prev[:k] = self.prev[rows]
-        self.m = k
-        self._drop_bindings()
+        self._use(k)
 
     def _slot(self, k: int) -> ort.OrtValue:
         """Ring slot ``k``'s first ``m`` rows as an `OrtValue` over the same memory (binding
@@ -261,12 +267,12 @@ class _StepBatch:
     def _bind(self, phase: int) -> ort.IOBinding:
         codec, m = self.codec, self.m
         if not self._fixed:  # the buffers every phase binds
-            self._fixed = {"prev": self.prev[:m], "noise": self.noise[:m]}
-            self._fixed |= {f"cond.{i}": self.cond[i, :m] for i in range(codec.n_layers)}
-            self._fixed["sample"] = self.sample[:m]
+            fixed = {"prev": self.prev[:m], "noise": self.noise[:m]}
+            fixed |= {f"cond.{i}": self.cond[i, :m] for i in range(codec.n_layers)}
+            fixed["sample"] = self.sample[:m]
             if self.logits is not None:
-                self._fixed["logits"] = self.logits[:m]
-            self._fixed = {name: _value(array) for name, array in self._fixed.items()}
+                fixed["logits"] = self.logits[:m]
+            self._fixed.update({name: _value(array) for name, array in fixed.items()})
         binding = codec._step.io_binding()
         for name, value in self._fixed.items():
             if name in ("sample", "logits"):
@@ -983,7 +989,7 @@ class Codec:
                 b for b in self._batches if (b.logits is not None) == logits and b.capacity >= rows
             ]
             if fits:
-                batch = min(fits, key=lambda b: (b.m != rows, b.capacity))
+                batch = min(fits, key=lambda b: (rows not in b._bound, b.capacity))
                 self._batches.remove(batch)
             else:
                 batch = None

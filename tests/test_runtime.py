@@ -578,3 +578,22 @@ def test_bundled_int8_costs_under_a_thousandth_of_a_nat():
     fp32 = Codec(bundled).cross_entropy(waves)
     int8 = Codec(bundled, int8=True).cross_entropy(waves)
     assert 0 < abs(int8 - fp32) < 1e-3
+
+
+def test_a_batch_binds_each_row_count_once(tiny, monkeypatch):
+    """A batch that drained to fewer rows (`_StepBatch.keep`) keeps the bindings of its full
+    size: the next call of the same requests binds no step phase again, and gives the same
+    audio."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    reqs = [DecodeRequest(codec.encode(clip("activated", n)), 0, n, 1) for n in (3000, 600, 600)]
+    bound = []
+    bind = runtime._StepBatch._bind
+    monkeypatch.setattr(runtime._StepBatch, "_bind", lambda b, p: bound.append(b.m) or bind(b, p))
+    first = codec.decode_many(reqs, segment=4000)  # unfolded: 3 rows, then 1 after draining
+    assert set(bound) == {3, 1}
+    bound.clear()
+    again = codec.decode_many(reqs, segment=4000)
+    assert bound == []
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
