@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     fp32 = Codec(args.model)
     sr = fp32.sample_rate
     waves = [fp32.to_model_rate(*sf.read(p, dtype="float32")) for p in paths]
-    speaker = int(args.speaker) if args.speaker.isdigit() else args.speaker
     codes = [fp32.encode(w) for w in waves]
     seeds = list(range(args.seeds))
     codecs = [("fp32", fp32)]
@@ -110,7 +109,7 @@ def main(argv=None) -> int:
         for segment in settings:
             pairs = []
             for wave, c in zip(waves, codes):
-                for out in resynthesise(codec, c, len(wave), speaker, seeds, segment):
+                for out in resynthesise(codec, c, len(wave), args.speaker, seeds, segment):
                     pairs.append(scores(wave, out, sr))
             base = pairs if base is None else base
             seconds = "unfolded" if segment is None else segment / sr
