@@ -64,6 +64,8 @@ class DecoderStep(nn.Module):
             taps = torch.stack([c.weight.permute(2, 1, 0) for c in decoder.dilated])  # [L,k,R,2G]
             self.register_buffer("past_w", taps[:, :-1].reshape(n, (k - 1) * r, 2 * g).clone())
             self.register_buffer("current_w", taps[:, -1].clone())  # [L, R, 2G]
+            # Both as one product's weight, for the form that onnxruntime quantises (`layers`).
+            self.register_buffer("dilated_w", taps.reshape(n, k * r, 2 * g).clone())
             res_b = torch.stack([x.bias for x in decoder.residual])  # [L-1, R]
             shift = torch.cat([torch.zeros(1, r), res_b.cumsum(0)])  # [L, R]: bias sum before i
             bias = torch.stack([c.bias for c in decoder.dilated])  # [L, 2G]
@@ -191,8 +193,7 @@ class DecoderStep(nn.Module):
                     h = acc(h, mine[t], self.past_w[i, t * r : (t + 1) * r])
                 h = acc(h, x, self.current_w[i])  # [B, 2G]
             else:
-                w = torch.cat([self.past_w[i], self.current_w[i]])  # a constant once exported
-                h = cond[i] + torch.cat([*mine, x], 1) @ w
+                h = cond[i] + torch.cat([*mine, x], 1) @ self.dilated_w[i]
             z = torch.tanh(h[:, :g]) * torch.sigmoid(h[:, g:])  # [B, G]
             gates.append(z)
             if i < n - 1:
