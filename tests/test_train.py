@@ -6,6 +6,7 @@ Every run uses the tiny config on a dataset cut from the speech clips in tests/d
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import os
 import random
@@ -22,6 +23,7 @@ import torch
 
 from model.autoencoder import Autoencoder
 from model.config import load_model_config
+from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
 from training import checkpoint as ckpt_io
 from training import train as train_mod
@@ -31,6 +33,7 @@ from training.dataset import Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+DIST_TIMEOUT = datetime.timedelta(minutes=2)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +330,14 @@ def _ddp_worker(rank: int, world: int, data: str, out: str, init_file: str) -> N
     from training import distributed as dist
 
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # not the hostname's address: sandboxes may block it
+    tdist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=DIST_TIMEOUT,  # a stuck collective fails the test instead of hanging CI
+    )
     try:
         dataset = Dataset(data)
         model = _ddp_model()
@@ -369,6 +379,7 @@ def test_two_gloo_ranks_equal_one_rank_in_float64(data, tmp_path):
         args=(2, str(data), str(tmp_path), str(tmp_path / "init")),
         nprocs=2,
         join=True,
+        daemon=True,  # a worker left behind by a failure must not keep pytest from exiting
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, ref in single.items():
@@ -389,10 +400,8 @@ def test_training_cli_runs_under_torchrun_with_two_ranks(data, tmp_path):
     out = tmp_path / "run"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.train"]
     cmd += ["--config", str(cfg), "--data", str(data), "--out", str(out), "--steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        cmd + ["--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    done = run_process_group(cmd + ["--no-progress"], timeout=300, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = ckpt_io.load(ckpt_io.checkpoint_path(out, 2))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 2
