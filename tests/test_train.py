@@ -398,7 +398,8 @@ def test_training_cli_runs_under_torchrun_with_two_ranks(data, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
     cfg = tiny_train_config(tmp_path / "d.toml", valid_every=2)
     out = tmp_path / "run"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.train"]
+    cmd = [torchrun, "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
+    cmd += ["-m", "training.train"]
     cmd += ["--config", str(cfg), "--data", str(data), "--out", str(out), "--steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = run_process_group(cmd + ["--no-progress"], timeout=300, cwd=ROOT, env=env)
