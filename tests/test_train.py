@@ -358,8 +358,9 @@ def _ddp_worker(rank: int, world: int, data: str, out: str, init_file: str) -> N
         )
         res["restarted_codebook"] = model.quantizer.codebook.clone()
         torch.save(res, Path(out) / f"rank{rank}.pt")
+        del ddp  # before the group: see `training.distributed.shutdown`
     finally:
-        tdist.destroy_process_group()
+        dist.shutdown()
 
 
 def test_two_gloo_ranks_equal_one_rank_in_float64(data, tmp_path):

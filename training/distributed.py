@@ -7,6 +7,7 @@ is not initialised), and initialisation from torchrun's environment variables.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 
 import torch
@@ -56,7 +57,12 @@ def init(device_type: str) -> bool:
 
 
 def shutdown() -> None:
+    """Destroy the process group, through its Python object: that releases the GIL while gloo
+    joins its worker threads, which may need the GIL to free a finished collective's tensors.
+    Drop every DDP wrapper first: when a DDP reducer holds the group's last reference, it is
+    destroyed with the GIL held, and the process can hang at exit (it did in CI)."""
     if is_initialized():
+        gc.collect()  # reference cycles may still hold a DDP wrapper
         dist.destroy_process_group()
 
 

@@ -558,6 +558,7 @@ def run(args: argparse.Namespace) -> int:
         if saved_at != trainer.step:
             trainer.save()
     finally:
+        trainer.forward_model = trainer.model  # no DDP left when the group goes (dist.shutdown)
         bar.close()
         if writer is not None:
             writer.close()
