@@ -11,6 +11,9 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
 * ``onnx_batch1``: `export.runtime.Codec.decode` of 0.5 s without folding, one worker thread.
 * ``onnx_folded_<W>w``: one file of ``--seconds`` folded into segments over W worker threads
   (``--workers``, and 1 for comparison in fp32).
+* ``onnx_folded_<W>w_no_burn_in``: the same with eighth-second segments and no burn-in
+  (`Codec.burn_in`), the engine's defaults before 2026-11-26: faster, but the joins cost
+  intelligibility (``benchmarks.resynth_quality``).
 * ``onnx_batch<N>``: ``--files`` files of ``--seconds`` each in one `Codec.decode_many` call
   (a folder through the CLI, or the app's concurrent requests): enough segments to fill
   every worker's batch.
@@ -198,6 +201,16 @@ def run_config(config: str, args, machine: float, emit) -> None:
                 codec.streams_per_worker = 1  # exactly `workers` threads, whatever the batch
                 rate = onnx_decode(codec, n, folded=True)
                 rows.append((f"onnx_folded_{workers}w", precision, rate))
+            codec = Codec(
+                tmp,
+                int8=precision == "int8",
+                workers=args.workers,
+                burn_in=0,
+                min_segment_s=0.125,
+            )
+            codec.streams_per_worker = 1
+            rate = onnx_decode(codec, n, folded=True)
+            rows.append((f"onnx_folded_{args.workers}w_no_burn_in", precision, rate))
             if args.files > 1:
                 codec = Codec(tmp, int8=precision == "int8", workers=args.workers)
                 rate = onnx_decode(codec, n, folded=True, files=args.files)

@@ -3,15 +3,18 @@ resynthesis against the original, for each way of decoding it.
 
     python -m benchmarks.resynth_quality                   # the bundled model, tests/data clips
     python -m benchmarks.resynth_quality --wav a.wav --seeds 4 --segments 0.125 0.5
+    python -m benchmarks.resynth_quality --no-int8 --segments 0.125 --burn-ins 0 320 960
 
 `benchmarks.fold_quality` measures folding teacher-forced. A listener hears sampled audio,
 where the joins between independently sampled segments (eight a second with eighth-second
 segments) might be audible even where the cross-entropy hardly moves. Here every clip is
 encoded once, then decoded ``--seeds`` times per setting: unfolded (the clip as one segment),
-folded at each ``--segments`` length with the default one-hop cross-fade, in fp32 and, where the
+folded at each ``--segments`` length with the default one-hop cross-fade and each ``--burn-ins``
+(samples a later segment generates and drops before its cross-fade), in fp32 and, where the
 model directory has them, with the int8 graphs. Rows give the mean and its standard error over
 clips x seeds, and the STOI difference from the unfolded fp32 decode of the same clip and seed
-(paired, so clip difficulty cancels).
+(paired, so clip difficulty cancels), and how fast the setting decoded (multiples of real time,
+decodes of one clip batched over the seeds; compare within a run).
 
 A WaveNet resynthesis is a new sample of the waveform, not a copy: its phase differs from the
 original's, so both metrics are far below what a transparent codec scores, even for a well
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +47,11 @@ def scores(reference: np.ndarray, degraded: np.ndarray, sr: int) -> tuple[float,
     return (float(p) if p >= -0.5 else float("nan")), float(stoi(reference, degraded, sr))
 
 
-def resynthesise(codec: Codec, codes, n: int, speaker, seeds, segment: int | None):
+def resynthesise(codec: Codec, codes, n: int, speaker, seeds, segment: int | None, burn_in=None):
     """``len(seeds)`` decodes of one clip's codes in one batch (``segment=None``: unfolded)."""
     reqs = [DecodeRequest(codes, speaker, n, seed) for seed in seeds]
-    return codec.decode_many(reqs, segment=n + 1 if segment is None else segment)
+    segment = n + 1 if segment is None else segment
+    return codec.decode_many(reqs, segment=segment, burn_in=burn_in)
 
 
 def mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -80,6 +85,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--speaker", default="0", help="voice of the resynthesis (the clips' own)")
     p.add_argument("--seeds", type=int, default=3, help="decodes per clip and setting")
     p.add_argument("--segments", type=float, nargs="+", default=[0.125, 0.25, 0.5])
+    p.add_argument(
+        "--burn-ins", type=int, nargs="+", help="samples (default: the codec's `burn_in`)"
+    )
     p.add_argument("--no-int8", action="store_true", help="fp32 only")
     return p
 
@@ -88,6 +96,9 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     if args.seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    if args.burn_ins and min(args.burn_ins) < 0:
+        print("error: --burn-ins must be >= 0", file=sys.stderr)
         return 2
     paths = args.wav or sorted(str(p) for p in (ROOT / "tests" / "data").glob("*.wav"))
     fp32 = Codec(args.model)
@@ -98,7 +109,8 @@ def main(argv=None) -> int:
     codecs = [("fp32", fp32)]
     if not args.no_int8 and (Path(args.model) / "decoder_step.int8.onnx").is_file():
         codecs.append(("int8", Codec(args.model, int8=True)))
-    settings = [None] + [round(s * sr) for s in args.segments]
+    burn_ins = args.burn_ins or [fp32.burn_in]
+    settings = [(None, 0)] + [(round(s * sr), b) for s in args.segments for b in burn_ins]
 
     rows = [
         summarise({"precision": "-", "segment_s": "original"}, [scores(w, w, sr) for w in waves])
@@ -106,21 +118,28 @@ def main(argv=None) -> int:
     print(json.dumps(rows[-1]), flush=True)
     base = None  # unfolded fp32, the reference of the paired differences
     for precision, codec in codecs:
-        for segment in settings:
-            pairs = []
+        for segment, burn_in in settings:
+            pairs, busy = [], 0.0
             for wave, c in zip(waves, codes):
-                for out in resynthesise(codec, c, len(wave), args.speaker, seeds, segment):
-                    pairs.append(scores(wave, out, sr))
+                start = time.perf_counter()
+                outs = resynthesise(codec, c, len(wave), args.speaker, seeds, segment, burn_in)
+                busy += time.perf_counter() - start
+                pairs.extend(scores(wave, out, sr) for out in outs)
             base = pairs if base is None else base
-            seconds = "unfolded" if segment is None else segment / sr
-            rows.append(summarise({"precision": precision, "segment_s": seconds}, pairs, base))
+            label = {
+                "precision": precision,
+                "segment_s": "unfolded" if segment is None else segment / sr,
+                "burn_in": burn_in,
+                "realtime": round(args.seeds * sum(map(len, waves)) / sr / busy, 3),
+            }
+            rows.append(summarise(label, pairs, base))
             print(json.dumps(rows[-1]), flush=True)
 
     total = sum(len(w) for w in waves) / sr
     print(f"\n{len(waves)} clips, {total:.1f} s, {args.seeds} seeds, model {args.model}")
     print(
-        "\n| precision | segment (s) | PESQ-WB | STOI | STOI - unfolded fp32 (paired) | decodes |"
-        "\n|---|---|---|---|---|---|"
+        "\n| precision | segment (s) | burn-in | PESQ-WB | STOI | STOI - unfolded fp32 (paired) "
+        "| x real time | decodes |\n|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         paired = (
@@ -129,8 +148,9 @@ def main(argv=None) -> int:
             else ""
         )
         print(
-            f"| {r['precision']} | {r['segment_s']} | {r['pesq']:.3f} ± {r['pesq_se']:.3f} "
-            f"| {r['stoi']:.3f} ± {r['stoi_se']:.3f} | {paired} | {r['n']} |"
+            f"| {r['precision']} | {r['segment_s']} | {r.get('burn_in', '')} "
+            f"| {r['pesq']:.3f} ± {r['pesq_se']:.3f} | {r['stoi']:.3f} ± {r['stoi_se']:.3f} "
+            f"| {paired} | {r.get('realtime', '')} | {r['n']} |"
         )
     return 0
 

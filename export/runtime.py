@@ -14,7 +14,10 @@ per-layer ring buffers of past layer inputs in numpy. The step graph takes one t
 slot it reads and writes one per layer, so onnxruntime reads the taps from the rings and writes
 the current inputs into them in place (I/O binding; no copies into or out of a stacked array). A
 long utterance is folded into segments generated side by side as one batch and cross-faded over
-``overlap`` samples; each segment starts from silence. The first starts exactly, as the
+``overlap`` samples; each segment starts from silence, and each after the first generates
+``burn_in`` samples more before its cross-fade and drops them (sampled, a segment takes about
+1000 samples to climb out of that silence to the loudness of an unbroken decode; with no
+burn-in the joins cost STOI, `Codec.burn_in`). The first starts exactly, as the
 utterance does from its zero padding (the rings after ``wavenet_context`` zero-input steps, one
 parallel `decoder_warmup.onnx` call); later ones by default from the rings of endless silence
 under their first conditioning frame, a fixed point found in ``L`` step calls
@@ -166,6 +169,24 @@ class _Stream:
     forced: np.ndarray | None = None  # [warm + length] prev classes (teacher forcing)
     targets: np.ndarray | None = None  # [length] classes whose NLL to return
     steady: bool = False  # start from `Codec._steady` rings instead of the exact warm-up
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """One utterance of ``n`` samples cut into segments ``[a_k, b_k)`` (``bounds``), whose
+    streams start at index ``first``. Segment ``k > 0`` starts generating at `start` ``(k)``,
+    ``burn_in + overlap`` samples before ``a_k``: the first ``burn_in`` samples are dropped
+    (a sampled segment climbs out of the silence it starts from), the next ``overlap`` are
+    cross-faded with the end of segment ``k - 1``."""
+
+    n: int
+    bounds: list[tuple[int, int]]
+    overlap: int
+    burn_in: int
+    first: int
+
+    def start(self, k: int) -> int:
+        return self.bounds[k][0] - self.overlap - self.burn_in if k > 0 else 0
 
 
 class _Live:
@@ -324,7 +345,7 @@ class Codec:
     Small batches are dominated by per-operator overhead (a step of 16 rows costs about 1.5x
     one of 8), so a second worker starts only when each gets `streams_per_worker` streams (with
     0.5 s segments, when one 8 s file gave 16, it decoded 10-15 % faster on one worker than on
-    two; with 0.125 s segments it gives 64 and uses both). A step's throughput keeps rising up
+    two; with 0.25 s segments it gives 32 and uses both). A step's throughput keeps rising up
     to about 64 rows per worker (``small``; 128 for ``default``), so `decode_many` cuts
     segments to give each worker `target_streams` rows when the batch holds enough audio, never
     shorter than `min_segment`.
@@ -344,6 +365,8 @@ class Codec:
             README); a file's first segment and teacher forcing always start exactly, where
             silence is the true past.
         min_segment_s: shortest automatic segment in seconds (default: `min_segment`'s rule).
+        burn_in: samples each folded segment after the first generates and drops before its
+            cross-fade (default: `burn_in`'s rule).
     """
 
     streams_per_worker: int = 16
@@ -351,9 +374,8 @@ class Codec:
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
     # 2112 slots at `default`: 279 MB for 128 rows.
     max_rows: int = 128
-    # Segments in `decode_stream`'s first wave: 1 s of audio at eighth-second segments, which
-    # `small` generates in about 0.8 s here (fewer start no sooner, more later).
-    first_wave: int = 8
+    # Segments in `decode_stream`'s first wave: 1 s of audio at quarter-second segments.
+    first_wave: int = 4
 
     def __init__(
         self,
@@ -365,11 +387,13 @@ class Codec:
         check_hashes: bool = True,
         warmup: str = "steady",
         min_segment_s: float | None = None,
+        burn_in: int | None = None,
     ):
         if warmup not in ("steady", "exact"):
             raise ValueError(f"warmup must be 'steady' or 'exact', not {warmup!r}")
         self.warmup = warmup
         self._min_segment_s = min_segment_s
+        self._burn_in = burn_in
         self.dir = Path(model_dir)
         meta_path = self.dir / "model.json"
         if not meta_path.is_file():
@@ -549,6 +573,7 @@ class Codec:
         n_samples: int | None = None,
         segment: int | None = None,
         overlap: int | None = None,
+        burn_in: int | None = None,
     ) -> np.ndarray:
         """Waveform ``[n]`` float32 at `sample_rate` from codes ``[F]``.
 
@@ -557,29 +582,45 @@ class Codec:
             segment: samples per folded segment (default `auto_segment`); a segment at least
                 as long as the utterance disables folding.
             overlap: cross-fade samples between segments (default one hop).
+            burn_in: samples each later segment generates and drops before its cross-fade
+                (default `Codec.burn_in`).
         """
         req = DecodeRequest(codes, speaker, n_samples, seed)
-        return self.decode_many([req], progress=progress, segment=segment, overlap=overlap)[0]
+        return self.decode_many(
+            [req], progress=progress, segment=segment, overlap=overlap, burn_in=burn_in
+        )[0]
 
     @property
     def min_segment(self) -> int:
-        """Shortest automatic segment: an eighth of a second with steady starts, else a quarter
-        second and at least the receptive field.
+        """Shortest automatic segment: a quarter second, and with exact starts at least the
+        receptive field (each costs a warm-up over it). ``Codec(min_segment_s=...)`` overrides
+        it.
 
-        A segment starts from silence: teacher-forced, the bundled model recovers from that
-        within ~320 samples, and with a one-hop overlap eighth-second segments cost +0.0002
-        nats/sample, quarter-second ones +0.0001 (``python -m benchmarks.fold_quality``; check
-        your own model there). One 8 s file then gives 64 segments, 32 rows per worker, which
-        decoded it 10-25 % faster than 32 segments. Sampled, folding costs more than that: STOI
-        of the bundled model's resynthesis drops from 0.50 unfolded to 0.45 at eighth-second
-        segments and 0.47 at half-second ones (``python -m benchmarks.resynth_quality``). An
-        exact start costs a warm-up over the receptive field per segment, hence the longer
-        floor there. ``min_segment_s`` (a constructor argument) overrides both."""
+        With the default `burn_in`, quarter-second segments resynthesised the bundled model's
+        test clips as intelligibly as an unbroken decode (STOI 0.009 ± 0.009 below it) and as
+        fast as eighth-second ones, which scored 0.023 below (``python -m
+        benchmarks.resynth_quality``, README). One 8 s file gives 32 segments, 16 rows per
+        worker."""
         if self._min_segment_s is not None:
             return max(1, round(self._min_segment_s * self.sample_rate))
-        if self.warmup == "steady":
-            return self.sample_rate // 8
-        return max(self.context, self.sample_rate // 4)
+        return max(self.sample_rate // 4, self.context if self.warmup == "exact" else 0)
+
+    @property
+    def burn_in(self) -> int:
+        """Samples a folded segment after the first generates and drops before its cross-fade:
+        60 ms (960 at 16 kHz) unless ``Codec(burn_in=...)`` says otherwise.
+
+        Teacher-forced, the bundled model forgets a segment's silent start within ~320
+        samples, but sampled, a segment climbs to the loudness of an unbroken decode only over
+        about 1000 (``benchmarks.fold_quality`` cannot see that; its samples are the true
+        ones). Cross-fading into such a quiet start dips the loudness at every join: STOI of
+        the resynthesis fell 0.056 ± 0.010 below the unbroken decode at quarter-second segments
+        without a burn-in, 0.027 with 320 samples, 0.024 with 640, 0.009 with 960 and 0.014
+        with 1600. It costs a quarter-second segment 960 more steps on its 4320 (one 8 s
+        `small` file: 3.7x real time at eighth-second segments without it, 2.7x with)."""
+        if self._burn_in is not None:
+            return self._burn_in
+        return round(0.06 * self.sample_rate)
 
     def auto_segment(self, total_samples: int) -> int:
         """Segment length that gives every worker `target_streams` rows for ``total_samples``
@@ -593,14 +634,12 @@ class Codec:
         progress: Callable[[int, int], None] | None = None,
         segment: int | None = None,
         overlap: int | None = None,
+        burn_in: int | None = None,
     ) -> list[np.ndarray]:
         """Decode several utterances as one batch of folded segments (see the module doc)."""
-        streams, cond, plans = self._plan(requests, segment, overlap)
+        streams, cond, folds = self._plan(requests, segment, overlap, burn_in)
         results = self._run(streams, cond, progress)
-        return [
-            self._compose(bounds, overlap, results[first : first + len(bounds)], 0, n)
-            for n, bounds, overlap, first in plans
-        ]
+        return [self._compose(f, results[f.first : f.first + len(f.bounds)], 0, f.n) for f in folds]
 
     def decode_stream(
         self,
@@ -612,6 +651,7 @@ class Codec:
         n_samples: int | None = None,
         segment: int | None = None,
         overlap: int | None = None,
+        burn_in: int | None = None,
         interval: float = 0.25,
         schedule: str = "playback",
     ) -> Iterator[np.ndarray]:
@@ -646,8 +686,8 @@ class Codec:
         waves = schedule == "playback" and not self._waves_fell_behind
         if waves:
             segment = segment or self.min_segment
-        streams, cond, plans = self._plan([req], segment, overlap)
-        ((n, bounds, overlap, _),) = plans
+        streams, cond, (fold,) = self._plan([req], segment, overlap, burn_in)
+        n, bounds = fold.n, fold.bounds
         live = _Live(len(streams))
         live.total = sum(self.context + s.length for s in streams)
         # Chunks end where waves end: a player that starts on a part of a wave stalls.
@@ -666,7 +706,7 @@ class Codec:
                 lo, size = 0, max(1, self.first_wave)
                 while lo < len(streams) and not live.cancelled:
                     hi = len(streams) if len(streams) - lo < 2 * size else lo + size
-                    marks.append(bounds[hi][0] - overlap if hi < len(streams) else n)
+                    marks.append(bounds[hi][0] - fold.overlap if hi < len(streams) else n)
                     started = time.perf_counter()
                     self._run(streams, cond, None, live=live, order=range(lo, hi), spread=True)
                     seconds = (bounds[hi - 1][1] - bounds[lo][0]) / self.sample_rate
@@ -680,30 +720,28 @@ class Codec:
         worker = threading.Thread(target=run, name="vqwavenet-stream", daemon=True)
         worker.start()
         try:
-            yield from self._poll(
-                live, worker, failure, bounds, overlap, n, progress, interval, marks
-            )
+            yield from self._poll(live, worker, failure, fold, progress, interval, marks)
         finally:  # also when the consumer stops early (closed generator): stop the workers
             live.cancelled = True  # they stop after their current call
             worker.join()  # before close() returns: a process may exit right after it
 
-    def _poll(self, live, worker, failure, bounds, overlap, n, progress, interval, marks):
+    def _poll(self, live, worker, failure, fold: _Fold, progress, interval, marks):
         """`decode_stream`'s loop: yield the final prefix whenever it grew (``marks=None``)
         or reached one of ``marks`` (sample counts, the last being ``n``; appended to as the
         work is planned)."""
-        emitted = 0
+        emitted, n = 0, fold.n
         while emitted < n:
             ended = not worker.is_alive()
             if failure:
                 raise failure[0]
             with live.lock:
                 produced = [live.produced(i) for i in range(len(live.results))]
-                ready = self._final_prefix(bounds, overlap, produced)
+                ready = self._final_prefix(fold, produced)
                 if marks is not None:  # the last mark reached, if any passed since `emitted`
                     ready = max([emitted] + [m for m in marks if m <= ready])
                 if ready > emitted:
                     segs = [live.view(i) for i in range(len(live.results))]
-                    chunk = self._compose(bounds, overlap, segs, emitted, ready)
+                    chunk = self._compose(fold, segs, emitted, ready)
             if progress is not None:
                 progress(sum(live.done), live.total)
             if ready > emitted:
@@ -714,14 +752,20 @@ class Codec:
             else:
                 time.sleep(interval)
 
-    def _plan(self, requests: Sequence[DecodeRequest], segment: int | None, overlap: int | None):
+    def _plan(
+        self,
+        requests: Sequence[DecodeRequest],
+        segment: int | None,
+        overlap: int | None,
+        burn_in: int | None,
+    ) -> tuple[list[_Stream], np.ndarray, list[_Fold]]:
         """Validate the requests and cut them into streams.
 
-        Returns (streams, conditioning rows of every request stacked, and per request
-        ``(n, bounds, overlap, index of its first stream)``)."""
+        Returns (streams, conditioning rows of every request stacked, a `_Fold` per request)."""
         overlap = self.hop if overlap is None else overlap
-        if (segment is not None and segment < 1) or overlap < 0:
-            raise ValueError("segment must be >= 1 and overlap >= 0")
+        burn_in = self.burn_in if burn_in is None else burn_in
+        if (segment is not None and segment < 1) or overlap < 0 or burn_in < 0:
+            raise ValueError("segment must be >= 1, overlap and burn_in >= 0")
         conds, lengths = [], []
         for r, req in enumerate(requests):
             conds.append(self.condition(req.codes, req.speaker))  # validates the codes
@@ -736,12 +780,12 @@ class Codec:
                 raise ValueError("seeds must be >= 0")
             lengths.append(n)
         segment = segment or self.auto_segment(sum(lengths))
-        streams, plans, offset = [], [], 0
+        streams, folds, offset = [], [], 0
         for r, (req, n, cond) in enumerate(zip(requests, lengths, conds)):
-            bounds = self._segments(n, segment, overlap)
-            plans.append((n, bounds, overlap, len(streams)))
-            for k, (a, b) in enumerate(bounds):
-                g = a - (overlap if k > 0 else 0)
+            fold = self._fold(n, segment, overlap, burn_in, len(streams))
+            folds.append(fold)
+            for k, (_, b) in enumerate(fold.bounds):
+                g = fold.start(k)
                 streams.append(
                     _Stream(
                         request=r,
@@ -754,44 +798,51 @@ class Codec:
                     )
                 )
             offset += len(cond)
-        return streams, np.concatenate(conds), plans
+        return streams, np.concatenate(conds), folds
 
     @staticmethod
-    def _final_prefix(bounds, overlap: int, produced: Sequence[int]) -> int:
+    def _final_prefix(fold: _Fold, produced: Sequence[int]) -> int:
         """Samples of the waveform that no longer change, given how many samples each
-        segment has generated (segment ``k`` starts at ``a_k - overlap`` for ``k > 0``)."""
-        for k, (a, b) in enumerate(bounds):
-            g = a - (overlap if k > 0 else 0)
+        segment has generated."""
+        for k, (a, b) in enumerate(fold.bounds):
+            g = fold.start(k)
             if produced[k] < b - g:  # its head also finalises the previous segment's tail
-                return g + produced[k]
-        return bounds[-1][1]
+                return max(g + produced[k], a - fold.overlap if k > 0 else 0)
+        return fold.n
 
-    def _compose(self, bounds, overlap: int, segs: Sequence[np.ndarray], lo: int, hi: int):
-        """Samples ``[lo, hi)`` of the waveform from its segments' classes (cross-faded with
-        an equal-power sine ramp over ``overlap`` samples); ``segs[k]`` need only cover them."""
+    def _compose(self, fold: _Fold, segs: Sequence[np.ndarray], lo: int, hi: int) -> np.ndarray:
+        """Samples ``[lo, hi)`` of the waveform from its segments' classes (burn-in dropped,
+        cross-faded with an equal-power sine ramp over ``overlap`` samples); ``segs[k]`` need
+        only cover them."""
         out = np.zeros(hi - lo, dtype=np.float32)
+        overlap = fold.overlap
         ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / max(overlap, 1))
         fade = np.sqrt(np.clip(1 - ramp**2, 0, 1))
-        for k, (a, b) in enumerate(bounds):
-            g = a - (overlap if k > 0 else 0)
-            x0, x1 = max(g, lo), min(b, hi)
+        for k, (a, b) in enumerate(fold.bounds):
+            g = fold.start(k)
+            x0, x1 = max(a - overlap if k > 0 else 0, lo), min(b, hi)
             if x0 >= x1:
                 continue
             x = np.arange(x0, x1)
             w = np.ones(x1 - x0)
             if k > 0:
                 head = x < a
-                w[head] = ramp[x[head] - g]
-            if k + 1 < len(bounds):
+                w[head] = ramp[x[head] - (a - overlap)]
+            if k + 1 < len(fold.bounds):
                 tail = x >= b - overlap
                 w[tail] = fade[x[tail] - (b - overlap)]
             out[x0 - lo : x1 - lo] += mulaw_decode(segs[k][x0 - g : x1 - g], self.q) * w
         return np.clip(out, -1.0, 1.0)
 
-    def _segments(self, n: int, segment: int, overlap: int) -> list[tuple[int, int]]:
-        """Boundaries ``[a_k, b_k)`` (original-sample indices) of the folded segments."""
+    def _fold(self, n: int, segment: int, overlap: int, burn_in: int, first: int) -> _Fold:
+        return _Fold(n, self._segments(n, segment, overlap, burn_in), overlap, burn_in, first)
+
+    @staticmethod
+    def _segments(n: int, segment: int, overlap: int, burn_in: int = 0) -> list[tuple[int, int]]:
+        """Boundaries ``[a_k, b_k)`` of about ``n / segment`` segments, fewer where a segment
+        would not be longer than its cross-fade and burn-in together."""
         k = max(1, round(n / segment))
-        while k > 1 and n // k <= overlap:
+        while k > 1 and n // k <= overlap + burn_in:
             k -= 1
         edges = [round(i * n / k) for i in range(k + 1)]
         return list(zip(edges[:-1], edges[1:]))
@@ -848,25 +899,27 @@ class Codec:
         *,
         segment: int,
         overlap: int | None = None,
+        burn_in: int | None = None,
     ) -> list[np.ndarray]:
         """What folding costs, teacher-forced: per utterance, the NLL ``[n]`` of each true
         sample under `decode`'s schedule. Segment ``k`` starts from silence at
-        ``a_k - overlap`` as in decoding, is then fed the true samples, and owns
+        ``a_k - overlap - burn_in`` as in decoding, is then fed the true samples, and owns
         ``[a_k, b_k)``; compare with `teacher_forced` (full context) to see how long the model
         needs to recover from a segment start (``benchmarks/fold_quality.py``)."""
         overlap = self.hop if overlap is None else overlap
+        burn_in = self.burn_in if burn_in is None else burn_in
         zero = mulaw_encode(np.zeros(1), self.q)[0]
-        conds, streams, plans, offset = [], [], [], 0
+        conds, streams, folds, offset = [], [], [], 0
         for r, w in enumerate(waves):
             x = self.to_model_rate(w)
             left, right, n_frames = self.geometry.padding(len(x))
             padded = np.pad(x, (left, right))
             cond = self.condition(self.encode_padded(padded, n_frames), speaker)
             classes = mulaw_encode(padded, self.q)
-            bounds = self._segments(len(x), segment, overlap)
-            plans.append((len(x), bounds, len(streams)))
-            for k, (a, b) in enumerate(bounds):
-                g = a - (overlap if k > 0 else 0)
+            fold = self._fold(len(x), segment, overlap, burn_in, len(streams))
+            folds.append(fold)
+            for k, (_, b) in enumerate(fold.bounds):
+                g = fold.start(k)
                 true_prev = classes[left + g : left + b - 1]  # samples g .. b-2 feed g+1 .. b-1
                 streams.append(
                     _Stream(
@@ -885,8 +938,8 @@ class Codec:
             offset += len(cond)
         nll = self._run(streams, np.concatenate(conds), None)
         outs = []
-        for _, bounds, first in plans:
-            owned = [nll[first + k][(overlap if k > 0 else 0) :] for k in range(len(bounds))]
+        for f in folds:
+            owned = [nll[f.first + k][a - f.start(k) :] for k, (a, _) in enumerate(f.bounds)]
             outs.append(np.concatenate(owned))
         return outs
 

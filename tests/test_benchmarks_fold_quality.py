@@ -21,6 +21,11 @@ def test_fold_quality_prints_recovery_and_cost_tables(app_model_dir, capsys):
     by = {(r["segment_s"], r["overlap"]): r["increase"] for r in cost}
     assert by[(0.1, 16)] < by[(0.1, 0)]  # an overlap of one receptive field hides the start
     assert "| segment (s) | overlap |" in out
+    # So does a burn-in of one receptive field, with no overlap: nothing is left to cost.
+    assert main([*args, "--overlaps", "0", "--burn-in", "16"]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    burnt = [r["increase"] for r in rows if r["table"] == "cost"]
+    assert len(burnt) == 2 and max(abs(x) for x in burnt) < 1e-6
 
 
 def test_fold_quality_refuses_clips_shorter_than_a_segment(app_model_dir, capsys):

@@ -28,30 +28,32 @@ def test_scores_reach_their_maxima_only_on_the_clip_itself():
 
 def test_resynth_quality_prints_a_row_per_precision_and_setting(app_model_dir, capsys):
     wav = str(DATA / "agent-newlocation.wav")
-    assert (
-        main(["--model", str(app_model_dir), "--wav", wav, "--seeds", "2", "--segments", "0.5"])
-        == 0
-    )
+    args = ["--model", str(app_model_dir), "--wav", wav, "--seeds", "2", "--segments", "0.5"]
+    assert main([*args, "--burn-ins", "0", "400"]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     original, *decoded = rows
     assert original["segment_s"] == "original" and original["stoi"] > 0.999
-    assert [(r["precision"], r["segment_s"]) for r in decoded] == [
-        ("fp32", "unfolded"),
-        ("fp32", 0.5),
-        ("int8", "unfolded"),
-        ("int8", 0.5),
+    assert [(r["precision"], r["segment_s"], r["burn_in"]) for r in decoded] == [
+        ("fp32", "unfolded", 0),
+        ("fp32", 0.5, 0),
+        ("fp32", 0.5, 400),
+        ("int8", "unfolded", 0),
+        ("int8", 0.5, 0),
+        ("int8", 0.5, 400),
     ]
     for r in decoded:
-        assert r["n"] == 2 and r["stoi"] < original["stoi"] - 0.1
+        assert r["n"] == 2 and r["stoi"] < original["stoi"] - 0.1 and r["realtime"] > 0
         assert r["pesq"] < original["pesq"] - 1 or np.isnan(r["pesq"])
     # Paired differences are taken against unfolded fp32, so its own row differs by 0.
     assert decoded[0]["stoi_vs_unfolded"] == 0
     for r in decoded[1:]:
         assert r["stoi_vs_unfolded"] == pytest.approx(r["stoi"] - decoded[0]["stoi"])
-    assert "| precision | segment (s) | PESQ-WB | STOI | STOI - unfolded fp32 (paired) |" in out
+    assert "| precision | segment (s) | burn-in | PESQ-WB | STOI | STOI - unfolded fp32" in out
 
 
-def test_resynth_quality_refuses_zero_seeds(app_model_dir, capsys):
+def test_resynth_quality_refuses_zero_seeds_and_negative_burn_ins(app_model_dir, capsys):
     assert main(["--model", str(app_model_dir), "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert main(["--model", str(app_model_dir), "--burn-ins", "-1"]) == 2
+    assert "--burn-ins must be >= 0" in capsys.readouterr().err

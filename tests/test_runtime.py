@@ -19,7 +19,7 @@ import torch
 
 from export import runtime
 from export.onnx_export import export_model, load_checkpoint
-from export.runtime import Codec, DecodeRequest, ModelDirError
+from export.runtime import Codec, DecodeRequest, ModelDirError, _Fold, mulaw_decode
 from tests.test_export import clip, make_checkpoint, teacher_forced_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def test_decode_stream_chunks_concatenate_to_decode(tiny):
     codec = Codec(out, workers=2)
     codec.streams_per_worker = 2
     codes = codec.encode(clip("agent-newlocation", 12000))
-    kwargs = dict(speaker=2, seed=5, n_samples=12000, segment=2000, overlap=200)
+    kwargs = dict(speaker=2, seed=5, n_samples=12000, segment=2000, overlap=200, burn_in=300)
     whole = codec.decode(codes, **kwargs)
     seen = []
     chunks = list(
@@ -276,12 +276,13 @@ def test_playback_stream_yields_whole_waves_of_decode(tiny, monkeypatch):
     and yields each wave whole, ending where the next wave's first segment takes over; in
     fp32 the waves give `decode`'s samples. Once a wave takes longer than its audio lasts,
     the rest is one batch, and so is the next stream, until a batch runs at over twice real
-    time. The engine reads a fake clock: calls that take no time, or 1000 s each."""
+    time. The engine reads a fake clock: calls that take no time, or 1000 s each. A burn-in
+    moves no chunk boundary."""
     _, out = tiny
     codec = Codec(out, workers=2)
     codec.first_wave = 2
     codes = codec.encode(clip("agent-newlocation", 12000))
-    kwargs = dict(speaker=1, seed=3, n_samples=12000, segment=1000, overlap=100)
+    kwargs = dict(speaker=1, seed=3, n_samples=12000, segment=1000, overlap=100, burn_in=200)
     whole = codec.decode(codes, **kwargs)
     engine = codec._run
 
@@ -322,12 +323,45 @@ def test_decode_stream_refuses_an_unknown_schedule(tiny):
 
 def test_final_prefix_waits_for_the_next_segment_head():
     bounds = [(0, 100), (100, 200), (200, 300)]  # overlap 10: segments 1, 2 start 10 early
+    fold = _Fold(300, bounds, overlap=10, burn_in=0, first=0)
     prefix = Codec._final_prefix
-    assert prefix(bounds, 10, [40, 0, 0]) == 40
-    assert prefix(bounds, 10, [100, 0, 50]) == 90  # segment 1's head is still missing
-    assert prefix(bounds, 10, [100, 4, 0]) == 94
-    assert prefix(bounds, 10, [100, 110, 9]) == 199
-    assert prefix(bounds, 10, [100, 110, 110]) == 300
+    assert prefix(fold, [40, 0, 0]) == 40
+    assert prefix(fold, [100, 0, 50]) == 90  # segment 1's head is still missing
+    assert prefix(fold, [100, 4, 0]) == 94
+    assert prefix(fold, [100, 110, 9]) == 199
+    assert prefix(fold, [100, 110, 110]) == 300
+    # A burn-in of 30: segments 1, 2 start 40 early; what they burn finalises nothing.
+    burnt = _Fold(300, bounds, overlap=10, burn_in=30, first=0)
+    assert prefix(burnt, [100, 0, 0]) == 90
+    assert prefix(burnt, [100, 29, 0]) == 90
+    assert prefix(burnt, [100, 34, 0]) == 94
+    assert prefix(burnt, [100, 140, 39]) == 199
+    assert prefix(burnt, [100, 140, 140]) == 300
+
+
+def test_burnt_in_samples_never_reach_the_waveform(tiny):
+    """Later segments start ``burn_in + overlap`` samples early; their first ``burn_in``
+    samples are dropped, the next ``overlap`` cross-faded (the control: changing those changes
+    the waveform), and composing in pieces gives the whole."""
+    _, out = tiny
+    codec = Codec(out)
+    fold = _Fold(300, [(0, 100), (100, 200), (200, 300)], overlap=10, burn_in=30, first=0)
+    rng = np.random.default_rng(0)
+    segs = [rng.integers(1, codec.q, n) for n in (100, 140, 140)]
+    whole = codec._compose(fold, segs, 0, 300)
+    burnt = [s.copy() for s in segs]
+    for s in burnt[1:]:
+        s[:30] = 0
+    np.testing.assert_array_equal(codec._compose(fold, burnt, 0, 300), whole)
+    faded = [s.copy() for s in segs]
+    faded[1][30:40] = 0
+    changed = codec._compose(fold, faded, 0, 300) != whole
+    assert changed[90:100].all() and not changed[:90].any() and not changed[100:].any()
+    # Where one segment plays alone, the waveform is its samples.
+    np.testing.assert_array_equal(whole[:90], mulaw_decode(segs[0][:90], codec.q))
+    np.testing.assert_array_equal(whole[100:190], mulaw_decode(segs[1][40:130], codec.q))
+    pieces = [codec._compose(fold, segs, lo, hi) for lo, hi in ((0, 95), (95, 205), (205, 300))]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
 
 
 def test_rows_take_queued_streams_when_the_batch_is_full(tiny):
@@ -422,21 +456,25 @@ def test_steady_warm_up_starts_only_later_segments():
     np.testing.assert_array_equal(a, again)  # reproducible
 
 
-def test_automatic_segments_follow_the_start_mode(tiny):
-    """Steady starts cost no warm-up, so automatic segments go down to an eighth of a second
-    (one 8 s file: 64 segments); exact starts keep a quarter second and the receptive field;
-    ``min_segment_s`` overrides both; a batch with enough audio gets longer segments."""
+def test_automatic_segments_and_burn_in(tiny):
+    """Automatic segments go down to a quarter second (one 8 s file: 32 segments), with exact
+    starts to the receptive field too; ``min_segment_s`` overrides that; a batch with enough
+    audio gets longer segments. Later segments burn 60 ms unless told otherwise."""
     _, out = tiny
     steady, exact = Codec(out, workers=2), Codec(out, workers=2, warmup="exact")
     sr = steady.sample_rate
-    assert steady.min_segment == sr // 8
+    assert steady.min_segment == sr // 4
     assert exact.min_segment == max(exact.context, sr // 4)
-    assert Codec(out, min_segment_s=0.25).min_segment == sr // 4
+    assert Codec(out, min_segment_s=0.125).min_segment == sr // 8
     n = 8 * sr
-    assert len(steady._segments(n, steady.auto_segment(n), steady.hop)) == 64
-    assert len(exact._segments(n, exact.auto_segment(n), exact.hop)) == 32
-    many = 4 * steady.workers * steady.target_streams * sr // 8
-    assert steady.auto_segment(many) == 4 * (sr // 8)
+    assert len(steady._segments(n, steady.auto_segment(n), steady.hop, steady.burn_in)) == 32
+    assert len(exact._segments(n, exact.auto_segment(n), exact.hop, exact.burn_in)) == 32
+    many = 4 * steady.workers * steady.target_streams * sr // 4
+    assert steady.auto_segment(many) == 4 * (sr // 4)
+    assert steady.burn_in == exact.burn_in == round(0.06 * sr)
+    assert Codec(out, burn_in=0).burn_in == 0
+    with pytest.raises(ValueError, match="burn_in"):
+        steady.decode(steady.encode(clip("agent-newlocation", 4000)), burn_in=-1)
 
 
 def test_parallel_warm_up_equals_stepped_warm_up(tiny):
@@ -523,14 +561,23 @@ def test_folded_nll_recovers_full_context_after_one_receptive_field(tiny):
     np.testing.assert_allclose(one, full, atol=1e-5, rtol=0)
     ctx = codec.context
     starts = [a for a, _ in codec._segments(len(wave), 1000, 0)[1:]]
-    cold = codec.folded_nll([wave], speaker=1, segment=1000, overlap=0)[0]
+    cold = codec.folded_nll([wave], speaker=1, segment=1000, overlap=0, burn_in=0)[0]
     settled = np.ones(len(wave), dtype=bool)
     for a in starts:
         settled[a : a + ctx] = False
     np.testing.assert_allclose(cold[settled], full[settled], atol=1e-5, rtol=0)
     assert np.abs(cold[~settled] - full[~settled]).max() > 1e-3
-    warm = codec.folded_nll([wave], speaker=1, segment=1000, overlap=ctx)[0]
+    warm = codec.folded_nll([wave], speaker=1, segment=1000, overlap=ctx, burn_in=0)[0]
     np.testing.assert_allclose(warm, full, atol=1e-5, rtol=0)
+    # A burn-in and an overlap that cover the receptive field together, and a burn-in alone.
+    for overlap, burn_in in ((ctx // 2, ctx - ctx // 2), (0, ctx)):
+        assert codec._segments(len(wave), 1000, overlap, burn_in) == codec._segments(
+            len(wave), 1000, 0
+        )
+        burnt = codec.folded_nll([wave], speaker=1, segment=1000, overlap=overlap, burn_in=burn_in)[
+            0
+        ]
+        np.testing.assert_allclose(burnt, full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
