@@ -374,8 +374,10 @@ class Codec:
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
     # 2112 slots at `default`: 279 MB for 128 rows.
     max_rows: int = 128
-    # Segments in `decode_stream`'s first wave: 1 s of audio at quarter-second segments.
-    first_wave: int = 4
+    # Segments in `decode_stream`'s first wave: half a second of audio at quarter-second
+    # segments. One 8 s `small` file played without gaps after 3.4-4.4 s with 1, 2 or 3
+    # (noise decides); 2 delivers the first chunk after about 1 s, 4 after 2 s.
+    first_wave: int = 2
 
     def __init__(
         self,
@@ -614,10 +616,10 @@ class Codec:
         samples, but sampled, a segment climbs to the loudness of an unbroken decode only over
         about 1000 (``benchmarks.fold_quality`` cannot see that; its samples are the true
         ones). Cross-fading into such a quiet start dips the loudness at every join: STOI of
-        the resynthesis fell 0.056 ± 0.010 below the unbroken decode at quarter-second segments
-        without a burn-in, 0.027 with 320 samples, 0.024 with 640, 0.009 with 960 and 0.014
-        with 1600. It costs a quarter-second segment 960 more steps on its 4320 (one 8 s
-        `small` file: 3.7x real time at eighth-second segments without it, 2.7x with)."""
+        the resynthesis fell 0.048 ± 0.010 below the unbroken decode at quarter-second segments
+        without a burn-in, 0.030 with 320 samples and 0.009 with 960 (0.024 with 640 and 0.014
+        with 1600 in a second run). It costs a quarter-second segment 960 more steps on its
+        4320: one 8 s file decoded 5-8 % slower at ``small`` and 28 % at ``default`` (README)."""
         if self._burn_in is not None:
             return self._burn_in
         return round(0.06 * self.sample_rate)
