@@ -764,10 +764,9 @@ class Codec:
         """Validate the requests and cut them into streams.
 
         Returns (streams, conditioning rows of every request stacked, a `_Fold` per request)."""
-        overlap = self.hop if overlap is None else overlap
-        burn_in = self.burn_in if burn_in is None else burn_in
-        if (segment is not None and segment < 1) or overlap < 0 or burn_in < 0:
-            raise ValueError("segment must be >= 1, overlap and burn_in >= 0")
+        if segment is not None and segment < 1:
+            raise ValueError("segment must be >= 1")
+        overlap, burn_in = self._join(overlap, burn_in)
         conds, lengths = [], []
         for r, req in enumerate(requests):
             conds.append(self.condition(req.codes, req.speaker))  # validates the codes
@@ -835,6 +834,14 @@ class Codec:
                 w[tail] = fade[x[tail] - (b - overlap)]
             out[x0 - lo : x1 - lo] += mulaw_decode(segs[k][x0 - g : x1 - g], self.q) * w
         return np.clip(out, -1.0, 1.0)
+
+    def _join(self, overlap: int | None, burn_in: int | None) -> tuple[int, int]:
+        """``(overlap, burn_in)`` of a call, the codec's defaults where ``None``."""
+        overlap = self.hop if overlap is None else overlap
+        burn_in = self.burn_in if burn_in is None else burn_in
+        if overlap < 0 or burn_in < 0:
+            raise ValueError("overlap and burn_in must be >= 0")
+        return overlap, burn_in
 
     def _fold(self, n: int, segment: int, overlap: int, burn_in: int, first: int) -> _Fold:
         return _Fold(n, self._segments(n, segment, overlap, burn_in), overlap, burn_in, first)
@@ -908,8 +915,7 @@ class Codec:
         ``a_k - overlap - burn_in`` as in decoding, is then fed the true samples, and owns
         ``[a_k, b_k)``; compare with `teacher_forced` (full context) to see how long the model
         needs to recover from a segment start (``benchmarks/fold_quality.py``)."""
-        overlap = self.hop if overlap is None else overlap
-        burn_in = self.burn_in if burn_in is None else burn_in
+        overlap, burn_in = self._join(overlap, burn_in)
         zero = mulaw_encode(np.zeros(1), self.q)[0]
         conds, streams, folds, offset = [], [], [], 0
         for r, w in enumerate(waves):

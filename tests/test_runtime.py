@@ -475,6 +475,8 @@ def test_automatic_segments_and_burn_in(tiny):
     assert Codec(out, burn_in=0).burn_in == 0
     with pytest.raises(ValueError, match="burn_in"):
         steady.decode(steady.encode(clip("agent-newlocation", 4000)), burn_in=-1)
+    with pytest.raises(ValueError, match="burn_in"):  # teacher forcing checks it too
+        steady.folded_nll([clip("agent-newlocation", 4000)], segment=2000, burn_in=-1)
 
 
 def test_parallel_warm_up_equals_stepped_warm_up(tiny):
