@@ -405,6 +405,34 @@ def test_a_draining_batch_drops_its_idle_rows(tiny, monkeypatch):
     assert kept == [2, 1]
 
 
+@pytest.mark.parametrize("block", [1, 7])
+def test_steps_run_in_blocks_give_what_single_steps_give(tiny, monkeypatch, block):
+    """`Codec._block` gathers a block's inputs before its steps and scatters the outputs
+    after: any block length gives the same samples, NLLs and logits, with streams loaded from
+    the queue and conditioning changes inside blocks (fp32: a row's values do not depend on
+    the rows beside it). Control, by hand: a block that applies conditioning changes at its
+    first step only fails this test (the random tiny model's own codes give one conditioning
+    for every frame, so the decoded codes are random)."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    codec.max_rows = 2  # three streams for two rows: one is loaded when another ends
+    waves = [clip("activated", 2500), clip("agent-newlocation", 4100), clip("auth-incorrect", 900)]
+    codes = np.random.default_rng(0).integers(0, codec.codebook_size, 300)  # varied frames
+    reqs = [DecodeRequest(codes[:n], 1, seed=3) for n in (150, 300, 60)]
+
+    def everything():
+        return (
+            codec.decode_many(reqs, segment=1500)
+            + codec.teacher_forced(waves, speaker=2)
+            + codec.teacher_forced(waves[2:], speaker=2, logits=True)
+        )
+
+    blocked = everything()
+    monkeypatch.setattr(runtime, "_BLOCK", block)
+    for got, want in zip(everything(), blocked, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
     """`Codec._steady`: one more step on silence under the same conditioning, each tap fed
     from the rings, writes the rings' own values back. Control: the state one call short
