@@ -1190,6 +1190,7 @@ class Codec:
         if not forced:  # draws feed back to generating rows only: warm-up rows keep silence,
             feed = gen.T.copy()  # idle ones their last input (int8 scales span every row)
         out = np.zeros((k, m, self.q) if forced and not nll else (k, m), dtype=rows.out.dtype)
+        noise_in, prev_in, drawn = batch.noise[:m], batch.prev[:m], batch.sample[:m]
         for j in range(k):
             if live.cancelled:
                 return j
@@ -1197,9 +1198,9 @@ class Codec:
             if changed is not None:  # once per hop per row
                 rows_cond = cond[ci[changed, j]].reshape(len(changed), n_layers, -1)
                 batch.cond[:, changed] = rows_cond.transpose(1, 0, 2)
-            batch.noise[:m] = noise[j]
+            noise_in[:] = noise[j]
             if forced:
-                batch.prev[:m] = prev[j]
+                prev_in[:] = prev[j]
             batch.run(s + j)
             if nll:
                 x = batch.logits[:m]
@@ -1209,8 +1210,8 @@ class Codec:
             elif forced:
                 out[j] = batch.logits[:m]
             else:
-                out[j] = batch.sample[:m]
-                np.copyto(batch.prev[:m], batch.sample[:m], where=feed[j])
+                out[j] = drawn
+                np.copyto(prev_in, drawn, where=feed[j])
         r, j = np.nonzero(gen)
         rows.out[r, local[r, j] - ctx] = out[j, r]
         return k
