@@ -978,8 +978,7 @@ class Codec:
         and a row that finishes its stream takes the next one from its queue. ``spread``: use
         every worker however few the streams (latency over throughput, see the class)."""
         order = list(range(len(streams))) if order is None else list(order)
-        fill = 1 if spread else self.streams_per_worker
-        workers = max(1, min(self.workers, len(order) // fill))  # see the class
+        workers = self.workers_for(len(order), spread)
         groups = [g for g in (order[w::workers] for w in range(workers)) if g]
         if live is None:
             live = _Live(len(streams))
@@ -1015,6 +1014,12 @@ class Codec:
         if errors:
             raise errors[0]
         return list(live.results)
+
+    def workers_for(self, n_streams: int, spread: bool = False) -> int:
+        """Worker threads that run ``n_streams`` streams: a second one from
+        `streams_per_worker` each (see the class), or whenever there are two with ``spread``."""
+        fill = 1 if spread else self.streams_per_worker
+        return max(1, min(self.workers, n_streams // fill))
 
     def _steady(self, cond_rows: np.ndarray, zero_class: int) -> np.ndarray:
         """Every layer's input after endless silence under each of ``cond_rows``

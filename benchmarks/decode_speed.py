@@ -1,0 +1,98 @@
+"""One file decoded as the CLI and the app decode it: the engine's own choice of segments and
+worker threads, for several file lengths.
+
+    python -m benchmarks.decode_speed                          # the bundled model, fp32
+    python -m benchmarks.decode_speed --int8 --seconds 2 5 7.8 --compare-streams-per-worker 16
+
+``benchmarks.generation`` times 8 s files with the thread count fixed; this one shows what a
+user's file of another length gets. Each length is decoded ``--reps`` times after one untimed
+call at its size (the first call also allocates the rings and binds every step phase);
+``--compare-streams-per-worker`` alternates each rep with that `Codec.streams_per_worker` (the
+threshold for a second worker) in the same process, for a ratio on these noisy machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.runtime import Codec, DecodeRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_decode(codec: Codec, req: DecodeRequest, streams_per_worker: int) -> float:
+    """Seconds of one `Codec.decode_many` call with the given worker threshold."""
+    codec.streams_per_worker = streams_per_worker
+    t = time.perf_counter()
+    codec.decode_many([req])
+    return time.perf_counter() - t
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "bundled")
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--seconds", type=float, nargs="+", default=[1, 2, 4, 6, 7.8, 8])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--compare-streams-per-worker", type=int, default=None, metavar="N")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    if args.reps < 1 or min(args.seconds) <= 0 or (args.compare_streams_per_worker or 1) < 1:
+        print(
+            "error: --reps, --seconds and --compare-streams-per-worker must be positive",
+            file=sys.stderr,
+        )
+        return 2
+    codec = Codec(args.model, int8=args.int8)
+    policies = [codec.streams_per_worker]
+    if args.compare_streams_per_worker is not None:
+        policies.append(args.compare_streams_per_worker)
+    rng = np.random.default_rng(0)
+    rows = []
+    for seconds in args.seconds:
+        n = round(seconds * codec.sample_rate)
+        codes = rng.integers(0, codec.codebook_size, codec.geometry.padding(n)[2])
+        req = DecodeRequest(codes, 0, n, seed=1)
+        segments = len(codec._plan([req], None, None, None)[2][0].bounds)
+        times: dict[int, list[float]] = {p: [] for p in policies}
+        for p in policies:
+            time_decode(codec, req, p)  # untimed: rings and bindings at this size
+        for _ in range(args.reps):
+            for p in policies:
+                times[p].append(time_decode(codec, req, p))
+        for p in policies:
+            codec.streams_per_worker = p
+            row = {
+                "seconds": seconds,
+                "segments": segments,
+                "streams_per_worker": p,
+                "workers": codec.workers_for(segments),
+                "realtime_median": round(seconds / statistics.median(times[p]), 3),
+                "realtime_best": round(seconds / min(times[p]), 3),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    precision = "int8" if args.int8 else "fp32"
+    print(f"\n{args.model.name}, {precision}, median and best of {args.reps}")
+    print("| seconds | segments | streams_per_worker | workers | x real time (median) | best |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['seconds']} | {r['segments']} | {r['streams_per_worker']} | {r['workers']} "
+            f"| {r['realtime_median']} | {r['realtime_best']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
