@@ -345,10 +345,14 @@ class Codec:
     Thread layout: each worker thread runs its own batch of streams with one intra-op thread.
     Small batches are dominated by per-operator overhead (a ``small`` step of 2 rows costs
     1.2x one of 1, one of 16 3.3x), so a second worker starts only when each gets
-    `streams_per_worker` streams. At quarter-second segments of the bundled model, two
-    workers decoded a 2 s file (8 segments) 25 % faster than one in fp32 and as fast in int8,
-    a 7.9 s file (31) 1.4-1.7x faster; a 1 s file (4) 3-10 % slower. A step's throughput keeps
-    rising up to about 64 rows per worker (``small``; 128 for ``default``), so `decode_many`
+    `streams_per_worker` streams: 4 in fp32, 8 in int8. At quarter-second segments of the
+    bundled model (``python -m benchmarks.decode_speed --compare-streams-per-worker 16``,
+    medians of 3-5), two fp32 workers decoded 2-4 s files 1.25-1.4x faster than one, 6-7.8 s
+    files 1.4-1.7x. In int8, two workers were 0.85-1.15x one at 2-4 s (0.57x once, below),
+    1.1-1.2x at 6-7.8 s. Two int8 workers sometimes fall into a slow mode that lasts for many
+    calls (about 1.7x the time a call, at every length; cause unknown), which makes two
+    workers a gamble for short int8 files. A step's throughput keeps rising up to about 64
+    rows per worker (``small``; 128 for ``default``), so `decode_many`
     cuts segments to give each worker `target_streams` rows when the batch holds enough
     audio, never shorter than `min_segment`.
 
@@ -371,7 +375,7 @@ class Codec:
             cross-fade (default: `burn_in`'s rule).
     """
 
-    streams_per_worker: int = 4
+    streams_per_worker: int = 4  # 8 for int8 (`__init__`)
     target_streams: int = 64
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
     # 2112 slots at `default`: 279 MB for 128 rows.
@@ -433,6 +437,8 @@ class Codec:
         self._batches_lock = threading.Lock()
         self._waves_fell_behind = False  # see `decode_stream`
         self.int8 = int8
+        if int8:
+            self.streams_per_worker = 8
         self.model_id: str = meta["model_id"]
         self.sample_rate: int = int(meta["sample_rate"])
         self.codebook_size: int = int(meta["codebook_size"])
