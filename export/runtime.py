@@ -222,8 +222,9 @@ class _StepBatch:
     ring slot and each layer's output at the slot it overwrites. Rows ``[0, m)`` take part;
     `keep` drops idle rows so that a draining batch stops computing them."""
 
-    def __init__(self, codec: Codec, rows: int, *, logits: bool):
+    def __init__(self, codec: Codec, rows: int, *, logits: bool, session=None):
         self.codec, self.m = codec, rows
+        self.session: ort.InferenceSession = session or codec._step
         r, width = codec.residual_channels, 2 * codec.gate_channels
         # One spare row per slot keeps slots off power-of-two spacing (probably 4K aliasing of
         # a tap's reads against the output's writes): 8 s decodes at `default` ran 2.7 %
@@ -246,7 +247,7 @@ class _StepBatch:
         binding = self._bindings.get(phase)
         if binding is None:
             binding = self._bindings[phase] = self._bind(phase)
-        self.codec._step.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
 
     @property
     def capacity(self) -> int:
@@ -292,7 +293,7 @@ class _StepBatch:
             if self.logits is not None:
                 fixed["logits"] = self.logits[:m]
             self._fixed.update({name: _value(array) for name, array in fixed.items()})
-        binding = codec._step.io_binding()
+        binding = self.session.io_binding()
         for name, value in self._fixed.items():
             if name in ("sample", "logits"):
                 binding.bind_ortvalue_output(name, value)
@@ -343,18 +344,16 @@ class Codec:
     """A loaded model directory (see `export.onnx_export`).
 
     Thread layout: each worker thread runs its own batch of streams with one intra-op thread.
-    Small batches are dominated by per-operator overhead (a ``small`` step of 2 rows costs
-    1.2x one of 1, one of 16 3.3x), so a second worker starts only when each gets
-    `streams_per_worker` streams: 4 in fp32, 8 in int8. At quarter-second segments of the
-    bundled model (``python -m benchmarks.decode_speed --compare-streams-per-worker 16``,
-    medians of 3-5), two fp32 workers decoded 2-4 s files 1.25-1.4x faster than one, 6-7.8 s
-    files 1.4-1.7x. In int8, two workers were 0.85-1.15x one at 2-4 s (0.57x once, below),
-    1.1-1.2x at 6-7.8 s. Two int8 workers sometimes fall into a slow mode that lasts for many
-    calls (about 1.7x the time a call, at every length; cause unknown), which makes two
-    workers a gamble for short int8 files. A step's throughput keeps rising up to about 64
-    rows per worker (``small``; 128 for ``default``), so `decode_many`
-    cuts segments to give each worker `target_streams` rows when the batch holds enough
-    audio, never shorter than `min_segment`.
+    A second worker starts as soon as there are two streams (`streams_per_worker`): each has
+    its own step session, and with that two workers decoded every length measured faster
+    than one (``python -m benchmarks.decode_speed --compare-streams-per-worker N``, the
+    bundled model, medians of 5): 0.5 s files (2 segments) 1.03x (int8) and 1.09x (fp32),
+    1.5 s (6) 1.11x and 1.24x, 3 s (12) 1.27x int8. When the workers shared one session they
+    lost at few streams and int8 fell into a slow mode for whole processes (below, at
+    ``_steps``), and the threshold was 16 streams each: files of 2-7.875 s ran on one worker.
+    A step's throughput keeps rising up to about 64 rows per worker (``small``; 128 for
+    ``default``), so `decode_many` cuts segments to give each worker `target_streams` rows
+    when the batch holds enough audio, never shorter than `min_segment`.
 
     Args:
         model_dir: directory with ``model.json`` and the graphs.
@@ -375,7 +374,7 @@ class Codec:
             cross-fade (default: `burn_in`'s rule).
     """
 
-    streams_per_worker: int = 4  # 8 for int8 (`__init__`)
+    streams_per_worker: int = 1
     target_streams: int = 64
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
     # 2112 slots at `default`: 279 MB for 128 rows.
@@ -429,7 +428,13 @@ class Codec:
         threads = threads or cores
         self._encoder = self._session(self.dir / "encoder.onnx", threads)
         self._conditioner = self._session(self.dir / "conditioner.onnx", threads)
-        self._step = self._session(self.dir / step_file, 1)
+        # One step session per worker. Sharing one, two workers decoded an 8 s file of the
+        # bundled model in int8 at a median 2.7-2.9x real time in 6 of 7 processes (4.0x in
+        # the others); with one each, 4.3-4.5x in every process, and fp32 3.2-3.3x instead
+        # of 3.0x. A shared session without a memory arena had no slow mode either, so the
+        # arena shared by both threads is the likely cause (not verified further).
+        self._steps = [self._session(self.dir / step_file, 1) for _ in range(self.workers)]
+        self._step = self._steps[0]
         self._warm = self._session(self.dir / warm_file, 1)
         # Off (tests): step through the warm-up instead, the reference the warm-up graph equals.
         self.parallel_warmup = True
@@ -437,8 +442,6 @@ class Codec:
         self._batches_lock = threading.Lock()
         self._waves_fell_behind = False  # see `decode_stream`
         self.int8 = int8
-        if int8:
-            self.streams_per_worker = 8
         self.model_id: str = meta["model_id"]
         self.sample_rate: int = int(meta["sample_rate"])
         self.codebook_size: int = int(meta["codebook_size"])
@@ -995,7 +998,7 @@ class Codec:
 
         def work(w: int) -> None:
             try:
-                self._run_group(streams, groups[w], cond, live, first + w)
+                self._run_group(streams, groups[w], cond, live, first + w, w)
             except BaseException as e:  # re-raised in the calling thread
                 errors.append(e)
 
@@ -1044,7 +1047,7 @@ class Codec:
             x = np.stack(self._step.run(names["outputs"][2:], {**fixed, **taps}))
         return x.transpose(1, 0, 2)
 
-    def _take_batch(self, rows: int, logits: bool) -> _StepBatch:
+    def _take_batch(self, rows: int, logits: bool, lane: int = 0) -> _StepBatch:
         """A step batch for ``rows`` rows: an idle one from an earlier call where one fits
         (preferring one bound for the same row count), else a new one of exactly ``rows``
         (room for more rows spaces the ring slots further apart, which made a ``default``
@@ -1053,11 +1056,15 @@ class Codec:
         Reuse saves what a new batch costs before its first useful step: faulting in its
         ring pages (about 0.2 s per 200 MB here) and one binding per step phase (0.07 ms
         each, 520 phases at ``small``); repeated 2 s decodes at ``small`` took 9 % less
-        time. Up to ``workers`` idle batches are kept, so a process holds the rings of its
-        largest recent calls (`release_buffers` frees them)."""
+        time. A batch belongs to one step session, worker ``lane``'s; the largest idle batch
+        of each session is kept, so a process holds the rings of its largest recent calls
+        (`release_buffers` frees them)."""
+        session = self._steps[lane % len(self._steps)]
         with self._batches_lock:
             fits = [
-                b for b in self._batches if (b.logits is not None) == logits and b.capacity >= rows
+                b
+                for b in self._batches
+                if (b.logits is not None) == logits and b.capacity >= rows and b.session is session
             ]
             if fits:
                 batch = min(fits, key=lambda b: (rows not in b._bound, b.capacity))
@@ -1065,7 +1072,7 @@ class Codec:
             else:
                 batch = None
         if batch is None:
-            batch = _StepBatch(self, rows, logits=logits)
+            batch = _StepBatch(self, rows, logits=logits, session=session)
         batch.reset(rows)
         return batch
 
@@ -1073,7 +1080,11 @@ class Codec:
         with self._batches_lock:
             self._batches.append(batch)
             self._batches.sort(key=lambda b: -b.capacity)
-            del self._batches[self.workers :]
+            kept = set()  # sessions with a (larger) batch kept already
+            for b in list(self._batches):
+                if id(b.session) in kept:
+                    self._batches.remove(b)
+                kept.add(id(b.session))
 
     def release_buffers(self) -> None:
         """Free the ring buffers kept between calls (the next call allocates new ones)."""
@@ -1087,11 +1098,13 @@ class Codec:
         cond: np.ndarray,
         live: _Live,
         worker: int,
+        lane: int = 0,
     ) -> None:
-        """The step loop of one worker: rows in lockstep, each at its own stream's local step
-        ``l`` (``l < context``: warm-up on zero input; then one output per step)."""
+        """The step loop of one worker (``lane``: its thread in this call, which picks its step
+        session): rows in lockstep, each at its own stream's local step ``l`` (``l <
+        context``: warm-up on zero input; then one output per step)."""
         forced = streams[queue[0]].forced is not None
-        batch = self._take_batch(min(len(queue), self.max_rows), forced)
+        batch = self._take_batch(min(len(queue), self.max_rows), forced, lane)
         try:
             self._step_loop(streams, queue, cond, live, worker, batch)
         finally:

@@ -433,6 +433,24 @@ def test_steps_run_in_blocks_give_what_single_steps_give(tiny, monkeypatch, bloc
         np.testing.assert_array_equal(got, want)
 
 
+def test_each_worker_steps_on_its_own_session(tiny):
+    """Two workers run their batches on two step sessions (sharing one made int8 decodes
+    erratic, `Codec._steps`), keep one idle batch each, and decode what one worker decodes
+    (fp32). Control: a codec whose workers share a session keeps one batch."""
+    _, out = tiny
+    codes = np.random.default_rng(0).integers(0, 16, 600)  # five segments of 2000
+    one = Codec(out, workers=1).decode(codes, 1, seed=2, segment=2000)
+    codec = Codec(out, workers=2)
+    assert codec.workers_for(2) == 2
+    np.testing.assert_array_equal(codec.decode(codes, 1, seed=2, segment=2000), one)
+    sessions = {id(b.session) for b in codec._batches}
+    assert len(codec._batches) == 2 and sessions == {id(s) for s in codec._steps}
+    codec.release_buffers()
+    codec._steps = [codec._step] * 2
+    np.testing.assert_array_equal(codec.decode(codes, 1, seed=2, segment=2000), one)
+    assert len(codec._batches) == 1
+
+
 def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
     """`Codec._steady`: one more step on silence under the same conditioning, each tap fed
     from the rings, writes the rings' own values back. Control: the state one call short
