@@ -3,7 +3,8 @@
     python -m export --checkpoint runs/small/last.pt --out exported/small [--int8]
 
 With ``--int8`` the teacher-forced cross-entropy of the fp32 and int8 decoder steps on held-out
-clips (``--eval-wav``, default the test clips) is printed.
+clips (``--eval-wav``, default the test clips) is printed. The primer that folded segments
+start from (`export.primer`) is cut from ``--primer-wav``, by default the first held-out clip.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def get_parser() -> argparse.ArgumentParser:
         help="held-out clip for the int8 quality check (repeatable; default tests/data/*.wav)",
     )
     p.add_argument("--eval-samples", type=int, default=8000, help="samples per clip checked")
+    p.add_argument(
+        "--primer-wav",
+        default=None,
+        help="clean speech that later segments start from (default: the first held-out clip)",
+    )
     p.add_argument("--notice", default=None, help="a caveat stored in model.json for users")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
     return p
@@ -71,11 +77,16 @@ def main(argv=None) -> int:
     except (KeyError, RuntimeError, OSError) as e:
         return fatal(f"cannot load {args.checkpoint}: {e}")
     waves = None
+    paths = args.eval_wav or sorted(str(p) for p in CLIPS.glob("*.wav"))
     if args.int8:
-        paths = args.eval_wav or sorted(str(p) for p in CLIPS.glob("*.wav"))
         if not paths:
             return fatal("--int8 needs held-out clips (--eval-wav)")
         waves = _load_waves(paths, model.cfg.features.sample_rate)
+    primer = args.primer_wav or (paths[0] if paths else None)
+    if primer is None:
+        return fatal("no clip for the primer (--primer-wav)")
+    if not Path(primer).is_file():
+        return fatal(f"no primer clip {primer}")
     try:
         meta = export_model(
             model,
@@ -88,7 +99,15 @@ def main(argv=None) -> int:
         )
     except ExportMismatch as e:
         return fatal(str(e))
+    from export.primer import write_primer
+
+    try:
+        wave = _load_waves([primer], model.cfg.features.sample_rate)[0]
+        entry = write_primer(out, wave, Path(primer).name)
+    except ValueError as e:
+        return fatal(f"primer {primer}: {e}")
     print(f"wrote {out} (model id {meta['model_id']})")
+    print(f"primer: {entry['samples']} samples of {entry['source']}")
     print("verification against PyTorch: " + json.dumps(meta["verification"]))
     if "int8_quality" in meta:
         q = meta["int8_quality"]

@@ -14,14 +14,17 @@ per-layer ring buffers of past layer inputs in numpy. The step graph takes one t
 slot it reads and writes one per layer, so onnxruntime reads the taps from the rings and writes
 the current inputs into them in place (I/O binding; no copies into or out of a stacked array). A
 long utterance is folded into segments generated side by side as one batch and cross-faded over
-``overlap`` samples; each segment starts from silence, and each after the first generates
-``burn_in`` samples more before its cross-fade and drops them (sampled, a segment takes about
-1000 samples to climb out of that silence to the loudness of an unbroken decode; with no
-burn-in the joins cost STOI, `Codec.burn_in`). The first starts exactly, as the
-utterance does from its zero padding (the rings after ``wavenet_context`` zero-input steps, one
-parallel `decoder_warmup.onnx` call); later ones by default from the rings of endless silence
-under their first conditioning frame, a fixed point found in ``L`` step calls
-(``Codec(warmup=...)``; teacher-forced on the bundled model, both cost the same). Several
+``overlap`` samples, and each after the first generates ``burn_in`` samples more before its
+cross-fade and drops them (`Codec.burn_in`). The first starts exactly, as the utterance does
+from its zero padding (the rings after ``wavenet_context`` zero-input steps, one parallel
+`decoder_warmup.onnx` call). Later ones cannot start from the audio before them, which is
+generated beside them: by default they start from the decoder's state after the model
+directory's primer, a few milliseconds of real speech (`export.primer`; computed once per
+speaker), and are as loud as an unbroken decode from their first samples. From silence
+(``Codec(warmup="steady")``, the rings of endless silence under the segment's first
+conditioning frame, a fixed point found in ``L`` step calls; the default for a model directory
+without a primer) a sampled segment takes about 1000 samples to climb to that loudness, and
+its joins cost STOI unless it drops 960 samples first. Several
 requests share the batch, and the segment length adapts to it (`Codec.auto_segment`): enough
 rows to keep the matrix products efficient, never segments so short that joins dominate. Streams
 are split between up to ``workers`` threads, each calling onnxruntime with one intra-op thread
@@ -51,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import soundfile as sf
 
 from export.audio import load_audio
 from model.geometry import CodecGeometry, Conv, Upsample
@@ -169,6 +173,7 @@ class _Stream:
     forced: np.ndarray | None = None  # [warm + length] prev classes (teacher forcing)
     targets: np.ndarray | None = None  # [length] classes whose NLL to return
     steady: bool = False  # start from `Codec._steady` rings instead of the exact warm-up
+    primed: tuple[np.ndarray, int] | None = None  # start from these rings and input class
 
 
 @dataclass(frozen=True)
@@ -361,11 +366,15 @@ class Codec:
         workers: generation threads (default: 2, or 1 on a single core).
         threads: intra-op threads of the encoder and conditioner (default: all cores).
         check_hashes: verify every file against ``model.json``'s sha256.
-        warmup: how a folded segment after the first starts. ``"steady"`` (default): rings of
-            endless silence under the segment's first conditioning frame (`_steady`, ``L``
-            single-row step calls). ``"exact"``: the zero-input warm-up over the receptive
-            field with the conditioning as it varies (``decoder_warmup.onnx``, about 1300
-            row-steps of work). Teacher-forced they cost the same (``benchmarks.fold_quality``,
+        warmup: how a folded segment after the first starts. ``"primed"`` (the default where
+            the model directory has a primer, `export.primer`): the decoder's state after the
+            primer's speech (`_primed`, computed once per speaker), from which a sampled
+            segment starts as loud as an unbroken decode. ``"steady"`` (the default
+            otherwise): rings of endless silence under the segment's first conditioning frame
+            (`_steady`, ``L`` single-row step calls), from which it starts quiet and needs a
+            long `burn_in`. ``"exact"``: the zero-input warm-up over the receptive field with
+            the conditioning as it varies (``decoder_warmup.onnx``, about 1300 row-steps of
+            work). Teacher-forced, silent starts cost the same (``benchmarks.fold_quality``,
             README); a file's first segment and teacher forcing always start exactly, where
             silence is the true past.
         min_segment_s: shortest automatic segment in seconds (default: `min_segment`'s rule).
@@ -391,13 +400,12 @@ class Codec:
         workers: int | None = None,
         threads: int | None = None,
         check_hashes: bool = True,
-        warmup: str = "steady",
+        warmup: str | None = None,
         min_segment_s: float | None = None,
         burn_in: int | None = None,
     ):
-        if warmup not in ("steady", "exact"):
-            raise ValueError(f"warmup must be 'steady' or 'exact', not {warmup!r}")
-        self.warmup = warmup
+        if warmup not in (None, "primed", "steady", "exact"):
+            raise ValueError(f"warmup must be 'primed', 'steady' or 'exact', not {warmup!r}")
         self._min_segment_s = min_segment_s
         self._burn_in = burn_in
         self.dir = Path(model_dir)
@@ -422,6 +430,7 @@ class Codec:
                 raise ModelDirError(f"{self.dir}: missing {name}{hint}")
             if check_hashes and file_sha256(path) != meta["files"][name]:
                 raise ModelDirError(f"{path}: sha256 differs from model.json (corrupt or edited)")
+        self.warmup = warmup or ("primed" if "primer" in meta else "steady")
         cores = os.cpu_count() or 1
         self.workers = max(1, workers if workers is not None else min(2, cores))
         threads = threads or cores
@@ -472,6 +481,50 @@ class Codec:
             np.concatenate([np.arange(n, 0, -1) for n in needs]),
             np.repeat(sizes, needs),
         )
+        self._primer = self._load_primer(check_hashes) if self.warmup == "primed" else None
+        self._primed_states: dict[int, tuple[np.ndarray, int]] = {}  # per speaker
+        self._primed_lock = threading.Lock()
+
+    def _load_primer(self, check_hashes: bool) -> np.ndarray:
+        """The primer's samples (`export.primer`), checked against ``model.json``."""
+        entry = self.meta.get("primer")
+        if entry is None:
+            raise ModelDirError(
+                f"{self.dir}: no primer for warmup='primed' (python -m export.primer --model "
+                f"{self.dir} --wav CLIP)"
+            )
+        path = self.dir / entry["file"]
+        if not path.is_file():
+            raise ModelDirError(f"{self.dir}: missing {entry['file']} (the primer)")
+        if check_hashes and file_sha256(path) != entry["sha256"]:
+            raise ModelDirError(f"{path}: sha256 differs from model.json (corrupt or edited)")
+        wave, sr = sf.read(path, dtype="float32")
+        if sr != self.sample_rate or wave.ndim != 1 or len(wave) < self.context + 1:
+            raise ModelDirError(
+                f"{path}: the primer must be mono at {self.sample_rate} Hz with at least "
+                f"{self.context + 1} samples (rewrite it: python -m export.primer)"
+            )
+        return wave
+
+    def _primed(self, speaker: int) -> tuple[np.ndarray, int]:
+        """Rings and next input class after the primer's last ``context`` samples, decoded
+        in ``speaker``'s voice with the primer's own codes (one parallel warm-up call, kept
+        per speaker): where a segment starts with ``warmup="primed"``. Sampled from there,
+        the bundled model's later segments were as loud as the unbroken decode from their
+        first samples; from silence (`_steady`) they had 13 % of its RMS over the first 80
+        samples and 70 % at 320 (``python -m benchmarks.segment_loudness``, README)."""
+        with self._primed_lock:
+            if speaker not in self._primed_states:
+                x, ctx = self._primer, self.context
+                cond = self.condition(self.encode(x), speaker)
+                g = len(x)
+                idx = self.geometry.cond_index(self.geometry.pad_left + g - ctx + np.arange(ctx))
+                idx = np.clip(idx, 0, len(cond) - 1)
+                prev = mulaw_encode(x[g - ctx - 1 :], self.q)
+                feeds = {"prev": prev[None, :ctx], "cond": cond[idx[0] : idx[-1] + 1][None]}
+                state = self._warm.run(None, {**feeds, "index": (idx - idx[0])[None]})[0][0]
+                self._primed_states[speaker] = (state, int(prev[ctx]))
+            return self._primed_states[speaker]
 
     @property
     def codes_hash(self) -> str:
@@ -620,19 +673,21 @@ class Codec:
     @property
     def burn_in(self) -> int:
         """Samples a folded segment after the first generates and drops before its cross-fade:
-        60 ms (960 at 16 kHz) unless ``Codec(burn_in=...)`` says otherwise.
+        10 ms (160 at 16 kHz) from a primed start, 60 ms (960) from silence, unless
+        ``Codec(burn_in=...)`` says otherwise.
 
-        Teacher-forced, the bundled model forgets a segment's silent start within ~320
-        samples, but sampled, a segment climbs to the loudness of an unbroken decode only over
-        about 1000 (``benchmarks.fold_quality`` cannot see that; its samples are the true
-        ones). Cross-fading into such a quiet start dips the loudness at every join: STOI of
-        the resynthesis fell 0.048 ± 0.010 below the unbroken decode at quarter-second segments
-        without a burn-in, 0.030 with 320 samples and 0.009 with 960 (0.024 with 640 and 0.014
-        with 1600 in a second run). It costs a quarter-second segment 960 more steps on its
-        4320: one 8 s file decoded 5-8 % slower at ``small`` and 28 % at ``default`` (README)."""
+        From silence (``warmup="steady"`` or ``"exact"``), teacher-forced, the bundled model
+        forgets the start within ~320 samples, but sampled, a segment climbs to the loudness
+        of an unbroken decode only over about 1000 (``benchmarks.fold_quality`` cannot see
+        that; its samples are the true ones). Cross-fading into such a quiet start dips the
+        loudness at every join: STOI of the resynthesis fell 0.048 ± 0.010 below the unbroken
+        decode at quarter-second segments without a burn-in, 0.030 with 320 samples and 0.009
+        with 960. From the primer's speech (``"primed"``) a segment starts at full loudness,
+        and the short burn-in only drops the samples still shaped by the primer's unrelated
+        past (README, ``benchmarks.resynth_quality``)."""
         if self._burn_in is not None:
             return self._burn_in
-        return round(0.06 * self.sample_rate)
+        return round((0.01 if self.warmup == "primed" else 0.06) * self.sample_rate)
 
     def auto_segment(self, total_samples: int) -> int:
         """Segment length that gives every worker `target_streams` rows for ``total_samples``
@@ -795,6 +850,7 @@ class Codec:
         for r, (req, n, cond) in enumerate(zip(requests, lengths, conds)):
             fold = self._fold(n, segment, overlap, burn_in, len(streams))
             folds.append(fold)
+            primed = self._start(len(fold.bounds), req.speaker)
             for k, (_, b) in enumerate(fold.bounds):
                 g = fold.start(k)
                 streams.append(
@@ -806,6 +862,7 @@ class Codec:
                         cond_count=len(cond),
                         seed=(int(req.seed), k),
                         steady=k > 0 and self.warmup == "steady",
+                        primed=primed if k > 0 else None,
                     )
                 )
             offset += len(cond)
@@ -844,6 +901,12 @@ class Codec:
                 w[tail] = fade[x[tail] - (b - overlap)]
             out[x0 - lo : x1 - lo] += mulaw_decode(segs[k][x0 - g : x1 - g], self.q) * w
         return np.clip(out, -1.0, 1.0)
+
+    def _start(self, n_segments: int, speaker: int | str) -> tuple[np.ndarray, int] | None:
+        """The primed start of a fold's later segments (None: not primed, or one segment)."""
+        if self.warmup != "primed" or n_segments < 2:
+            return None
+        return self._primed(self.speaker_index(speaker))
 
     def _join(self, overlap: int | None, burn_in: int | None) -> tuple[int, int]:
         """``(overlap, burn_in)`` of a call, the codec's defaults where ``None``."""
@@ -936,9 +999,13 @@ class Codec:
             classes = mulaw_encode(padded, self.q)
             fold = self._fold(len(x), segment, overlap, burn_in, len(streams))
             folds.append(fold)
+            primed = self._start(len(fold.bounds), speaker)
             for k, (_, b) in enumerate(fold.bounds):
                 g = fold.start(k)
                 true_prev = classes[left + g : left + b - 1]  # samples g .. b-2 feed g+1 .. b-1
+                first = np.full(self.context + 1, zero)  # warm-up inputs, then the first one
+                if k > 0 and primed is not None:
+                    first[-1] = primed[1]
                 streams.append(
                     _Stream(
                         request=r,
@@ -947,8 +1014,9 @@ class Codec:
                         cond_offset=offset,
                         cond_count=len(cond),
                         seed=(0, r),
-                        forced=np.concatenate([np.full(self.context + 1, zero), true_prev]),
+                        forced=np.concatenate([first, true_prev]),
                         steady=k > 0 and self.warmup == "steady",
+                        primed=primed if k > 0 else None,
                         targets=classes[left + g : left + b],
                     )
                 )
@@ -1139,7 +1207,10 @@ class Codec:
                 if want_nll:
                     rows.targets[row, : st.length] = st.targets
                 rows.start[row], rows.last[row], batch.prev[row] = at, n - 1, zero_class
-                if st.steady:  # endless silence under the first conditioning row
+                if st.primed is not None:  # `Codec._primed`: after the primer's speech
+                    place(row, at, st.primed[0])
+                    batch.prev[row] = st.primed[1]
+                elif st.steady:  # endless silence under the first conditioning row
                     steady.append(row)
                 elif self.parallel_warmup:  # the warm-up steps, computed in parallel
                     w = rows.cidx[row, :ctx]

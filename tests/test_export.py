@@ -20,6 +20,7 @@ from export.onnx_export import (
     step_feeds,
     verify,
 )
+from export.runtime import Codec
 from model.autoencoder import Autoencoder, Windows
 from model.config import load_model_config, to_dict
 from model.decoder_step import DecoderStep
@@ -325,8 +326,18 @@ def test_cli_exports_int8_and_prints_its_quality(tmp_path, capsys):
     for name in ("decoder_step.int8.onnx", "decoder_warmup.int8.onnx"):
         assert meta["files"][name] == sha256(out / name)
     assert q["samples"] == 3 * 1500 and abs(q["ce_increase"]) < 0.05
+    # The primer, cut from the first held-out clip; the engine starts later segments from it.
+    assert meta["primer"]["source"].startswith("activated.wav [")
+    assert "primer: " in printed
+    assert Codec(out).warmup == "primed"
     assert export_main(args) == 1  # no overwrite without --force
     assert "--force" in capsys.readouterr().err
+    other = ["--primer-wav", str(DATA / "auth-incorrect.wav"), "--force"]
+    assert export_main([*args, *other]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["primer"]["source"].startswith("auth-incorrect.wav [")
+    assert export_main([*args, "--primer-wav", str(tmp_path / "none.wav"), "--force"]) == 1
+    assert "no primer clip" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):

@@ -482,23 +482,25 @@ def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
     assert np.abs(step(once) - once).max() > 1e-3
 
 
-def test_steady_warm_up_starts_only_later_segments():
-    """With ``warmup="steady"`` (the default) a file's first segment still starts exactly
-    (its samples equal those of ``warmup="exact"``); later segments start from the steady
-    rings, so their samples differ (the control that the mode is in effect). The bundled
-    model, because in `tiny` the warm-up window lies within one conditioning frame, where
-    the exact warm-up reaches the steady state itself."""
+@pytest.mark.parametrize("warmup", ["steady", "primed"])
+def test_steady_and_primed_starts_start_only_later_segments(warmup):
+    """With ``warmup="steady"`` or ``"primed"`` (the default where the model has a primer) a
+    file's first segment still starts exactly (its samples equal those of
+    ``warmup="exact"``); later segments start from the steady or primed rings, so their
+    samples differ (the control that the mode is in effect). The bundled model, because in
+    `tiny` the warm-up window lies within one conditioning frame, where the exact warm-up
+    reaches the steady state itself."""
     out = ROOT / "models" / "bundled"
-    steady, exact = Codec(out, workers=1), Codec(out, workers=1, warmup="exact")
-    assert steady.warmup == "steady"
+    steady, exact = Codec(out, workers=1, warmup=warmup), Codec(out, workers=1, warmup="exact")
+    assert Codec(out).warmup == "primed"
     codes = steady.encode(clip("agent-newlocation", 6000))
-    a = steady.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
-    b = exact.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    a = steady.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000, burn_in=960)
+    b = exact.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000, burn_in=960)
     np.testing.assert_array_equal(a[: 2000 - steady.hop], b[: 2000 - steady.hop])
     assert np.mean(a[2500:] != b[2500:]) > 0.2
     with pytest.raises(ValueError, match="warmup"):
         Codec(out, warmup="cold")
-    again = steady.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
+    again = steady.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000, burn_in=960)
     np.testing.assert_array_equal(a, again)  # reproducible
 
 

@@ -1,0 +1,120 @@
+"""The primer: a few milliseconds of real speech that every folded segment after the first
+starts from, instead of silence.
+
+    python -m export.primer --model models/bundled --wav clip.wav
+
+A folded segment cannot start from the audio before it (the segments are generated side by
+side), so it starts from some state and must climb out of it. From silence, a sampled segment
+stays quiet for about 1000 samples (the model feeds on its own quiet output) and the engine
+had to generate and drop 960 samples before each cross-fade. From the decoder's state after
+``wavenet_context`` samples of real speech, it starts at the loudness of an unbroken decode,
+and a far shorter burn-in joins as well (`export.runtime.Codec.burn_in`).
+
+The excerpt is stored as ``primer.wav`` (16-bit PCM at the model rate, ``wavenet_context + 1``
+samples) and named, with its sha256, under ``"primer"`` in ``model.json``; the engine encodes
+it and warms the decoder on it once per speaker (`Codec._primed`). Any clip of clean speech
+serves: the window whose loudness is closest to the clip's typical speech level is taken.
+Numpy, soundfile and the model directory only (no torch, no onnxruntime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from export.audio import AudioError, load_audio
+
+PRIMER_FILE = "primer.wav"
+
+
+def choose_excerpt(wave: np.ndarray, length: int, block: int = 320) -> tuple[int, int]:
+    """``[start, end)`` of the ``length``-sample window of ``wave`` that ends in steady, typical
+    speech: the RMS of the whole window and of its last 80, 160, 320 and 640 samples as close
+    as they can be (in log ratio) to the clip's speech level, the median RMS of its
+    ``block``-sample blocks above 1 % of full scale.
+
+    A decode from the primer continues the primer's end for a few hundred samples, so its end
+    sets how loud a segment starts: on the bundled model, a primer whose last 80 samples had
+    0.24 RMS (0.14 over its last 320) started segments at twice the unbroken decode's
+    loudness, one ending at 0.04 at two thirds of it."""
+    if len(wave) < length:
+        raise ValueError(f"the clip has {len(wave)} samples; the primer needs {length}")
+    x = np.asarray(wave, dtype=np.float64)
+    blocks = np.sqrt(np.mean(x[: len(x) // block * block].reshape(-1, block) ** 2, axis=1))
+    if not (blocks > 0.01).any():
+        raise ValueError("the clip has no speech above 1 % of full scale")
+    level = np.median(blocks[blocks > 0.01])
+    energy = np.concatenate([[0.0], np.cumsum(x**2)])
+    ends = np.arange(length, len(x) + 1)
+    score = np.zeros(len(ends))
+    for n in sorted({80, 160, 320, 640, length}):
+        n = min(n, length)
+        rms = np.sqrt((energy[ends] - energy[ends - n]) / n)
+        score += np.abs(np.log(np.maximum(rms, 1e-6) / level))
+    end = int(ends[np.argmin(score)])
+    return end - length, end
+
+
+def write_primer(model_dir: str | Path, wave: np.ndarray, source: str) -> dict:
+    """Write the primer of ``model_dir`` from ``wave`` (mono float at the model rate) and
+    record it in ``model.json`` (each file written aside, then renamed). Returns the entry."""
+    # Imported here: the runtime imports this module (for PRIMER_FILE).
+    from export.runtime import ModelDirError, file_sha256, geometry_from_spec
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "model.json"
+    if not meta_path.is_file():
+        raise ModelDirError(f"{model_dir}: no model.json (export a checkpoint first)")
+    meta = json.loads(meta_path.read_text())
+    length = geometry_from_spec(meta["geometry"]).wavenet_context + 1
+    start, end = choose_excerpt(wave, length)
+    path = model_dir / PRIMER_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    sf.write(tmp, wave[start:end], int(meta["sample_rate"]), subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+    meta["primer"] = {
+        "file": PRIMER_FILE,
+        "sha256": file_sha256(path),
+        "samples": length,
+        "source": f"{source} [{start}:{end}]",
+    }
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+    return meta["primer"]
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.primer", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="an exported model directory")
+    p.add_argument("--wav", required=True, help="a clip of clean speech (any rate, any format)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    meta_path = Path(args.model) / "model.json"
+    if not meta_path.is_file():
+        print(f"error: {args.model}: no model.json (export a checkpoint first)", file=sys.stderr)
+        return 1
+    rate = int(json.loads(meta_path.read_text())["sample_rate"])
+    try:
+        wave = load_audio(args.wav, rate)
+        entry = write_primer(args.model, wave, Path(args.wav).name)
+    except (AudioError, ValueError) as e:
+        print(f"error: {args.wav}: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {Path(args.model) / entry['file']}: {entry['samples']} samples of {entry['source']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

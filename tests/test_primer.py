@@ -1,0 +1,159 @@
+"""Primed segment starts (`export.primer`, ``Codec(warmup="primed")``): the state is the one a
+stepped decode of the primer reaches, later segments start loud from it, and model
+directories without a primer (or with a damaged one) behave as they say."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from export.primer import PRIMER_FILE, choose_excerpt, main
+from export.runtime import Codec, DecodeRequest, ModelDirError, _Stream, mulaw_decode, mulaw_encode
+from tests.conftest import DATA
+from tests.test_export import clip
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "bundled"
+
+
+def test_choose_excerpt_takes_typical_speech_not_a_pause_or_the_loudest_part():
+    """A clip of a loud burst, a pause and a long stretch at a middle level: the window, and
+    its end, sit in the stretch (RMS near the clip's speech level), not in the burst."""
+    rng = np.random.default_rng(0)
+    loud, pause = 0.6 * rng.standard_normal(3000), np.zeros(3000)
+    typical, fading = 0.15 * rng.standard_normal(8000), np.linspace(0.15, 0, 2000)
+    typical[-2000:] *= fading  # a window ending here would end quieter than it began
+    x = np.concatenate([loud, pause, typical]).clip(-1, 1).astype(np.float32)
+    start, end = choose_excerpt(x, 2000)
+    assert end - start == 2000
+    assert 6000 <= start and end <= len(x) - 1000
+    tail = x[end - 320 : end]
+    assert 0.12 < np.sqrt(np.mean(tail**2)) < 0.18
+    with pytest.raises(ValueError, match="needs 2000"):
+        choose_excerpt(x[:1999], 2000)
+    with pytest.raises(ValueError, match="no speech"):
+        choose_excerpt(np.zeros(5000, np.float32), 2000)
+
+
+def test_a_primed_start_continues_the_primer_as_a_stepped_decode_does():
+    """`Codec._primed`'s rings (one parallel warm-up over the primer) are those of a decode
+    stepped through the primer's last ``context`` samples: teacher-forced on the same inputs
+    after it, both give the same logits. Control: the stepped decode fed the primer one
+    sample late differs, so the comparison sees an off-by-one."""
+    codec = Codec(BUNDLED, workers=1)
+    assert codec.warmup == "primed"
+    ctx, speaker = codec.context, 2
+    state, first = codec._primed(speaker)
+    x = codec._primer
+    g = len(x)
+    cond = codec.condition(codec.encode(x), speaker)
+    classes = mulaw_encode(x, codec.q)
+    assert first == classes[-1]
+    after = np.random.default_rng(1).integers(0, codec.q, 40)
+
+    def logits(forced: np.ndarray, primed=None) -> np.ndarray:
+        stream = _Stream(
+            request=0,
+            tau0=codec.geometry.pad_left + g - ctx,
+            length=1 + len(after),
+            cond_offset=0,
+            cond_count=len(cond),
+            seed=(0, 0),
+            forced=forced,
+            primed=primed,
+        )
+        return codec._run([stream], cond, None)[0]
+
+    codec.parallel_warmup = False  # the reference steps through the warm-up
+    inputs = np.concatenate([classes[g - ctx - 1 :], after])
+    stepped = logits(inputs)
+    primed = logits(inputs, (state, first))
+    np.testing.assert_allclose(primed, stepped, atol=1e-4, rtol=0)
+    late = logits(np.concatenate([classes[:1], classes[: ctx - 1], classes[-1:], after]))
+    assert np.abs(late - primed).max() > 1e-2
+
+
+def test_primed_segments_start_as_loud_as_an_unbroken_decode():
+    """What the primer is for: sampled, the bundled model's later segments are about as loud
+    as the unbroken decode over their first 160 samples; from silence (``"steady"``, the
+    control) they are far quieter (README: 19 % and 37 % of its RMS over the first two 80-sample
+    bins)."""
+    codecs = {w: Codec(BUNDLED, warmup=w) for w in ("primed", "steady")}
+    n, segment, head = 10000, 2500, 160
+    reqs = [
+        DecodeRequest(codecs["primed"].encode(clip(name, n)), 0, n, seed)
+        for name in ("activated", "auth-incorrect", "agent-newlocation")
+        for seed in (0, 1)
+    ]
+    unfolded = codecs["primed"].decode_many(reqs, segment=n + 1)
+    ratio = {}
+    for warmup, codec in codecs.items():
+        streams, cond, folds = codec._plan(reqs, segment, 0, 0)
+        outs = codec._run(streams, cond, None)
+        seg, ref = 0.0, 0.0
+        for fold, whole in zip(folds, unfolded):
+            for k in range(1, len(fold.bounds)):
+                g = fold.start(k)
+                seg += np.sum(mulaw_decode(outs[fold.first + k][:head], codec.q) ** 2)
+                ref += np.sum(whole[g : g + head].astype(np.float64) ** 2)
+        ratio[warmup] = np.sqrt(seg / ref)
+    assert ratio["primed"] > 0.7, ratio
+    assert ratio["steady"] < 0.5, ratio
+
+
+def test_model_dirs_without_a_primer_start_from_silence_and_damaged_ones_fail(tmp_path):
+    """No primer: steady starts with the long burn-in (and ``warmup="primed"`` says how to
+    add one). A primer that fails its hash or is too short is an error, not a quiet
+    fallback."""
+    primed = Codec(BUNDLED)
+    assert (primed.warmup, primed.burn_in) == ("primed", 160)
+    bare = tmp_path / "bare"
+    shutil.copytree(BUNDLED, bare)
+    meta = json.loads((bare / "model.json").read_text())
+    entry = meta.pop("primer")
+    (bare / "model.json").write_text(json.dumps(meta))
+    (bare / PRIMER_FILE).unlink()
+    steady = Codec(bare)
+    assert (steady.warmup, steady.burn_in) == ("steady", 960)
+    with pytest.raises(ModelDirError, match="export.primer"):
+        Codec(bare, warmup="primed")
+
+    edited = tmp_path / "edited"
+    shutil.copytree(BUNDLED, edited)
+    wave, sr = sf.read(edited / PRIMER_FILE, dtype="int16")
+    sf.write(edited / PRIMER_FILE, wave[::-1], sr, subtype="PCM_16")
+    with pytest.raises(ModelDirError, match="sha256"):
+        Codec(edited)
+    assert Codec(edited, check_hashes=True, warmup="steady").warmup == "steady"
+    sf.write(edited / PRIMER_FILE, wave[:100], sr, subtype="PCM_16")
+    with pytest.raises(ModelDirError, match="at least"):
+        Codec(edited, check_hashes=False)
+    assert entry["samples"] == primed.context + 1
+
+
+def test_primer_cli_writes_the_primer_the_codec_then_starts_from(tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED, model)
+    assert main(["--model", str(model), "--wav", str(DATA / "auth-incorrect.wav")]) == 0
+    assert "auth-incorrect.wav" in capsys.readouterr().out
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["primer"]["source"].startswith("auth-incorrect.wav [")
+    assert not any(p.name.endswith(".tmp") for p in model.iterdir())
+    codec = Codec(model)  # its hash checks out
+    wave, sr = sf.read(model / PRIMER_FILE, dtype="float32")
+    assert sr == codec.sample_rate and len(wave) == codec.context + 1
+    start = int(meta["primer"]["source"].split("[")[1].split(":")[0])
+    want = clip("auth-incorrect")[start : start + len(wave)]
+    np.testing.assert_allclose(wave, want, atol=1 / 32768)
+    assert not np.array_equal(codec._primed(0)[0], Codec(BUNDLED)._primed(0)[0])
+
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(8000, np.float32) + 1e-4, 16000)
+    assert main(["--model", str(model), "--wav", str(silent)]) == 1
+    assert "no speech" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "none"), "--wav", str(silent)]) == 1
+    assert "no model.json" in capsys.readouterr().err
