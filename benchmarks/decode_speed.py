@@ -3,12 +3,15 @@ worker threads, for several file lengths.
 
     python -m benchmarks.decode_speed                          # the bundled model, fp32
     python -m benchmarks.decode_speed --int8 --seconds 2 5 7.8 --compare-streams-per-worker 16
+    python -m benchmarks.decode_speed --compare-warmup steady  # segments started from silence
 
 ``benchmarks.generation`` times 8 s files with the thread count fixed; this one shows what a
 user's file of another length gets. Each length is decoded ``--reps`` times after one untimed
 call at its size (the first call also allocates the rings and binds every step phase);
 ``--compare-streams-per-worker`` alternates each rep with that `Codec.streams_per_worker` (the
-threshold for a second worker) in the same process, for a ratio on these noisy machines.
+threshold for a second worker) in the same process, for a ratio on these noisy machines, and
+``--compare-warmup`` with a codec whose later segments start another way (`Codec`'s
+``warmup``, with that start's own `Codec.burn_in`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, nargs="+", default=[1, 2, 4, 6, 7.8, 8])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--compare-streams-per-worker", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--compare-warmup",
+        choices=["primed", "steady", "exact"],
+        default=None,
+        help="also a codec whose later segments start this way (with its own burn-in)",
+    )
     return p
 
 
@@ -54,41 +63,50 @@ def main(argv=None) -> int:
         )
         return 2
     codec = Codec(args.model, int8=args.int8)
-    policies = [codec.streams_per_worker]
+    variants = [(codec, codec.streams_per_worker)]  # (codec, worker threshold), alternated
     if args.compare_streams_per_worker is not None:
-        policies.append(args.compare_streams_per_worker)
+        variants.append((codec, args.compare_streams_per_worker))
+    if args.compare_warmup is not None:
+        other = Codec(args.model, int8=args.int8, warmup=args.compare_warmup)
+        variants.append((other, other.streams_per_worker))
     rng = np.random.default_rng(0)
     rows = []
     for seconds in args.seconds:
         n = round(seconds * codec.sample_rate)
         codes = rng.integers(0, codec.codebook_size, codec.geometry.padding(n)[2])
         req = DecodeRequest(codes, 0, n, seed=1)
-        segments = len(codec._plan([req], None, None, None)[2][0].bounds)
-        times: dict[int, list[float]] = {p: [] for p in policies}
-        for p in policies:
-            time_decode(codec, req, p)  # untimed: rings and bindings at this size
+        times: list[list[float]] = [[] for _ in variants]
+        for c, p in variants:
+            time_decode(c, req, p)  # untimed: rings and bindings at this size
         for _ in range(args.reps):
-            for p in policies:
-                times[p].append(time_decode(codec, req, p))
-        for p in policies:
-            codec.streams_per_worker = p
+            for v, (c, p) in enumerate(variants):
+                times[v].append(time_decode(c, req, p))
+        for (c, p), t in zip(variants, times):
+            c.streams_per_worker = p
+            segments = len(c._plan([req], None, None, None)[2][0].bounds)
             row = {
                 "seconds": seconds,
                 "segments": segments,
+                "warmup": c.warmup,
+                "burn_in": c.burn_in,
                 "streams_per_worker": p,
-                "workers": codec.workers_for(segments),
-                "realtime_median": round(seconds / statistics.median(times[p]), 3),
-                "realtime_best": round(seconds / min(times[p]), 3),
+                "workers": c.workers_for(segments),
+                "realtime_median": round(seconds / statistics.median(t), 3),
+                "realtime_best": round(seconds / min(t), 3),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     precision = "int8" if args.int8 else "fp32"
     print(f"\n{args.model.name}, {precision}, median and best of {args.reps}")
-    print("| seconds | segments | streams_per_worker | workers | x real time (median) | best |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| seconds | segments | start | burn-in | streams_per_worker | workers "
+        "| x real time (median) | best |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['seconds']} | {r['segments']} | {r['streams_per_worker']} | {r['workers']} "
+            f"| {r['seconds']} | {r['segments']} | {r['warmup']} | {r['burn_in']} "
+            f"| {r['streams_per_worker']} | {r['workers']} "
             f"| {r['realtime_median']} | {r['realtime_best']} |"
         )
     return 0

@@ -2,24 +2,27 @@
 
     python -m benchmarks.fold_quality                      # the bundled model, tests/data clips
     python -m benchmarks.fold_quality --model models/mine --wav a.wav --wav b.wav
+    python -m benchmarks.fold_quality --warmup steady      # later segments start from silence
     python -m benchmarks.fold_quality --warmup exact       # the full zero-input warm-up
 
-The engine decodes a long file as segments generated side by side; each starts from silence
-(zero-input warm-up) ``overlap`` samples before the point where it takes over, and the two are
-cross-faded there. Sampling gives no number to compare, so this measures the same schedule
-teacher-forced (`Codec.folded_nll`): the NLL of every true sample when its segment started from
-silence, against full context (`Codec.teacher_forced`); ``--warmup`` picks how segments after
-the first start (`Codec`'s ``warmup``). Two tables:
+The engine decodes a long file as segments generated side by side; each after the first starts
+from a state that is not the true past (the primer's speech, `export.primer`, or silence)
+``overlap`` samples before the point where it takes over, and the two are cross-faded there.
+Sampling gives no number to compare, so this measures the same schedule teacher-forced
+(`Codec.folded_nll`): the NLL of every true sample when its segment started that way, against
+full context (`Codec.teacher_forced`); ``--warmup`` picks how segments after the first start
+(`Codec`'s ``warmup``, default the codec's). Two tables:
 
 * recovery: excess NLL (nats/sample) at distances from a segment's start, overlap 0: how long
-  the model takes to forget the silence it started from;
+  the model takes to forget the state it started from;
 * cost: cross-entropy increase over whole clips for each segment length and overlap, with
   ``--burn-in`` samples dropped before each overlap (default 0: what the overlap alone does;
-  the engine's default burn-in, 960 samples, is longer than the model needs teacher-forced).
+  the engine's burn-in after a silent start, 960 samples, is longer than the model needs
+  teacher-forced).
 
-Teacher-forced, the model is fed the true samples and recovers fast. Sampled, a segment
-recovers far more slowly (it is fed its own quiet start): ``benchmarks.resynth_quality``
-measures that, and is what chose the engine's burn-in.
+Teacher-forced, the model is fed the true samples and recovers fast. Sampled from silence, a
+segment recovers far more slowly (it is fed its own quiet start): ``benchmarks.segment_loudness``
+and ``benchmarks.resynth_quality`` measure that, and chose the engine's starts and burn-ins.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0")
-    p.add_argument("--warmup", choices=["steady", "exact"], default="steady")
+    p.add_argument("--warmup", choices=["primed", "steady", "exact"], help="default: the codec's")
     p.add_argument("--segments", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--overlaps", type=int, nargs="+", default=[0, 160, 320])
     p.add_argument("--burn-in", type=int, default=0, help="samples dropped before each overlap")
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
             print(json.dumps({"table": "cost", **costs[-1]}), flush=True)
     seconds = sum(len(w) for w in waves) / sr
     print(
-        f"\n{len(waves)} clips, {seconds:.1f} s, model {args.model}, {args.warmup} warm-up, "
+        f"\n{len(waves)} clips, {seconds:.1f} s, model {args.model}, {codec.warmup} starts, "
         f"burn-in {args.burn_in}"
     )
     print("\n| samples after a segment start | excess NLL (nats/sample) |\n|---|---|")

@@ -10,10 +10,15 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
 * ``incremental_torch``: `model.decoder_step.DecoderStep` with ring buffers, batch 1.
 * ``onnx_batch1``: `export.runtime.Codec.decode` of 0.5 s without folding, one worker thread.
 * ``onnx_folded_<W>w``: one file of ``--seconds`` folded into segments over W worker threads
-  (``--workers``, and 1 for comparison in fp32).
-* ``onnx_folded_<W>w_no_burn_in``: the same with eighth-second segments and no burn-in
-  (`Codec.burn_in`), the engine's defaults before 2026-11-26: faster, but the joins cost
-  intelligibility (``benchmarks.resynth_quality``).
+  (``--workers``, and 1 for comparison in fp32), with the engine's defaults: later segments
+  start from the primer (`export.primer`, cut from a test clip as ``python -m export`` does)
+  and burn 160 samples.
+* ``onnx_folded_<W>w_steady``: the same with later segments started from silence and the
+  960-sample burn-in that needs (``Codec(warmup="steady")``), the defaults from 2026-11-26
+  09:00 to 14:00 UTC and still those of a model directory without a primer.
+* ``onnx_folded_<W>w_no_burn_in``: the same with eighth-second segments started from silence
+  and no burn-in, the engine's defaults before 2026-11-26: the joins cost intelligibility
+  (``benchmarks.resynth_quality``).
 * ``onnx_batch<N>``: ``--files`` files of ``--seconds`` each in one `Codec.decode_many` call
   (a folder through the CLI, or the app's concurrent requests): enough segments to fill
   every worker's batch.
@@ -50,6 +55,7 @@ import soundfile as sf
 import torch
 
 from export.onnx_export import export_model
+from export.primer import write_primer
 from export.runtime import Codec, DecodeRequest
 from model.autoencoder import Autoencoder
 from model.config import load_model_config
@@ -185,6 +191,8 @@ def run_config(config: str, args, machine: float, emit) -> None:
     macs = step_macs(model.cfg)
     with tempfile.TemporaryDirectory() as tmp:
         export_model(model, [f"s{i}" for i in range(model.cfg.decoder.n_speakers)], tmp, int8=True)
+        primer = DATA / "activated.wav"  # what `python -m export` cuts it from by default
+        write_primer(tmp, sf.read(primer, dtype="float32")[0], primer.name)
         torch.set_num_threads(1)
         rows = [
             ("naive_torch", "fp32", naive_torch(model, args.naive_steps.get(config, 3))),
@@ -201,16 +209,15 @@ def run_config(config: str, args, machine: float, emit) -> None:
                 codec.streams_per_worker = 1  # exactly `workers` threads, whatever the batch
                 rate = onnx_decode(codec, n, folded=True)
                 rows.append((f"onnx_folded_{workers}w", precision, rate))
-            codec = Codec(
-                tmp,
-                int8=precision == "int8",
-                workers=args.workers,
-                burn_in=0,
-                min_segment_s=0.125,
-            )
-            codec.streams_per_worker = 1
-            rate = onnx_decode(codec, n, folded=True)
-            rows.append((f"onnx_folded_{args.workers}w_no_burn_in", precision, rate))
+            former = {  # name: Codec settings
+                "steady": {"warmup": "steady"},
+                "no_burn_in": {"warmup": "steady", "burn_in": 0, "min_segment_s": 0.125},
+            }
+            for name, settings in former.items():
+                codec = Codec(tmp, int8=precision == "int8", workers=args.workers, **settings)
+                codec.streams_per_worker = 1
+                rate = onnx_decode(codec, n, folded=True)
+                rows.append((f"onnx_folded_{args.workers}w_{name}", precision, rate))
             if args.files > 1:
                 codec = Codec(tmp, int8=precision == "int8", workers=args.workers)
                 rate = onnx_decode(codec, n, folded=True, files=args.files)

@@ -4,17 +4,20 @@ resynthesis against the original, for each way of decoding it.
     python -m benchmarks.resynth_quality                   # the bundled model, tests/data clips
     python -m benchmarks.resynth_quality --wav a.wav --seeds 4 --segments 0.125 0.5
     python -m benchmarks.resynth_quality --no-int8 --segments 0.125 --burn-ins 0 320 960
+    python -m benchmarks.resynth_quality --warmups primed steady   # how later segments start
 
 `benchmarks.fold_quality` measures folding teacher-forced. A listener hears sampled audio,
 where the joins between independently sampled segments (eight a second with eighth-second
 segments) might be audible even where the cross-entropy hardly moves. Here every clip is
 encoded once, then decoded ``--seeds`` times per setting: unfolded (the clip as one segment),
-folded at each ``--segments`` length with the default one-hop cross-fade and each ``--burn-ins``
-(samples a later segment generates and drops before its cross-fade), in fp32 and, where the
-model directory has them, with the int8 graphs. Rows give the mean and its standard error over
-clips x seeds, and the STOI difference from the unfolded fp32 decode of the same clip and seed
-(paired, so clip difficulty cancels), and how fast the setting decoded (multiples of real time,
-decodes of one clip batched over the seeds; compare within a run).
+folded at each ``--segments`` length with the default one-hop cross-fade, each ``--warmups``
+(how a later segment starts, `Codec`'s ``warmup``) and each ``--burn-ins`` (samples a later
+segment generates and drops before its cross-fade; default: the codec's for that start), in
+fp32 and, where the model directory has them, with the int8 graphs. Rows give the mean and
+its standard error over clips x seeds, and the STOI difference from the unfolded fp32 decode
+of the same clip and seed (paired, so clip difficulty cancels), and how fast the setting
+decoded (multiples of real time, decodes of one clip batched over the seeds; compare within a
+run).
 
 A WaveNet resynthesis is a new sample of the waveform, not a copy: its phase differs from the
 original's, so both metrics are far below what a transparent codec scores, even for a well
@@ -88,6 +91,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--burn-ins", type=int, nargs="+", help="samples (default: the codec's `burn_in`)"
     )
+    p.add_argument(
+        "--warmups",
+        nargs="+",
+        choices=["primed", "steady", "exact"],
+        help="starts of later segments (default: the codec's)",
+    )
     p.add_argument("--no-int8", action="store_true", help="fp32 only")
     return p
 
@@ -106,19 +115,25 @@ def main(argv=None) -> int:
     waves = [fp32.to_model_rate(*sf.read(p, dtype="float32")) for p in paths]
     codes = [fp32.encode(w) for w in waves]
     seeds = list(range(args.seeds))
-    codecs = [("fp32", fp32)]
-    if not args.no_int8 and (Path(args.model) / "decoder_step.int8.onnx").is_file():
-        codecs.append(("int8", Codec(args.model, int8=True)))
-    burn_ins = args.burn_ins or [fp32.burn_in]
-    settings = [(None, 0)] + [(round(s * sr), b) for s in args.segments for b in burn_ins]
+    int8 = not args.no_int8 and (Path(args.model) / "decoder_step.int8.onnx").is_file()
+    codecs = []  # (precision, codec, settings): unfolded first, then folded per start
+    for precision in ["fp32", "int8"] if int8 else ["fp32"]:
+        starts = [
+            Codec(args.model, int8=precision == "int8", warmup=w) for w in args.warmups or [None]
+        ]
+        settings = [(starts[0], None, 0)]
+        for codec in starts:
+            burn_ins = args.burn_ins or [codec.burn_in]
+            settings += [(codec, round(s * sr), b) for s in args.segments for b in burn_ins]
+        codecs.append((precision, settings))
 
     rows = [
         summarise({"precision": "-", "segment_s": "original"}, [scores(w, w, sr) for w in waves])
     ]
     print(json.dumps(rows[-1]), flush=True)
     base = None  # unfolded fp32, the reference of the paired differences
-    for precision, codec in codecs:
-        for segment, burn_in in settings:
+    for precision, settings in codecs:
+        for codec, segment, burn_in in settings:
             pairs, busy = [], 0.0
             for wave, c in zip(waves, codes):
                 start = time.perf_counter()
@@ -129,6 +144,7 @@ def main(argv=None) -> int:
             label = {
                 "precision": precision,
                 "segment_s": "unfolded" if segment is None else segment / sr,
+                "warmup": "" if segment is None else codec.warmup,
                 "burn_in": burn_in,
                 "realtime": round(args.seeds * sum(map(len, waves)) / sr / busy, 3),
             }
@@ -138,8 +154,8 @@ def main(argv=None) -> int:
     total = sum(len(w) for w in waves) / sr
     print(f"\n{len(waves)} clips, {total:.1f} s, {args.seeds} seeds, model {args.model}")
     print(
-        "\n| precision | segment (s) | burn-in | PESQ-WB | STOI | STOI - unfolded fp32 (paired) "
-        "| x real time | decodes |\n|---|---|---|---|---|---|---|---|"
+        "\n| precision | segment (s) | start | burn-in | PESQ-WB | STOI | STOI - unfolded fp32 "
+        "(paired) | x real time | decodes |\n|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         paired = (
@@ -148,7 +164,8 @@ def main(argv=None) -> int:
             else ""
         )
         print(
-            f"| {r['precision']} | {r['segment_s']} | {r.get('burn_in', '')} "
+            f"| {r['precision']} | {r['segment_s']} | {r.get('warmup', '')} "
+            f"| {r.get('burn_in', '')} "
             f"| {r['pesq']:.3f} ± {r['pesq_se']:.3f} | {r['stoi']:.3f} ± {r['stoi_se']:.3f} "
             f"| {paired} | {r.get('realtime', '')} | {r['n']} |"
         )

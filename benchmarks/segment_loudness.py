@@ -2,14 +2,16 @@
 
     python -m benchmarks.segment_loudness --wav a.wav --wav b.wav      # the bundled model
     python -m benchmarks.segment_loudness --segment 0.25 --bin 80 --bins 40
+    python -m benchmarks.segment_loudness --warmup steady              # starts from silence
 
 Every clip is encoded, decoded once unfolded and once folded with no burn-in and no overlap
 (same seed), and each later segment's own samples, before any cross-fade, are compared with
 the unfolded decode over the same span: RMS per ``--bin`` samples after the segment's start,
-summed over all segments of all clips. A model fed its own quiet start keeps quiet for a
-while; a cross-fade into that start dips the loudness at every join, which is what the engine's
-burn-in (`Codec.burn_in`) drops. ``benchmarks.fold_quality`` cannot show it: teacher-forced,
-the model is fed the true samples.
+summed over all segments of all clips. ``--warmup`` picks the segments' start (`Codec`'s
+``warmup``). A model fed its own quiet start from silence keeps quiet for a while; a
+cross-fade into that start dips the loudness at every join, which a long burn-in
+(`Codec.burn_in`) drops and a primed start avoids. ``benchmarks.fold_quality`` cannot show it:
+teacher-forced, the model is fed the true samples.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0", help="voice of the decodes (the clips' own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", choices=["primed", "steady", "exact"], help="default: the codec's")
     p.add_argument("--segment", type=float, default=0.25, help="seconds")
     p.add_argument("--bin", type=int, default=80, help="samples per row")
     p.add_argument("--bins", type=int, default=40, help="rows")
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
         print("error: --bin, --bins, --segment must be positive, --seed >= 0", file=sys.stderr)
         return 2
     paths = args.wav or sorted(str(p) for p in (ROOT / "tests" / "data").glob("*.wav"))
-    codec = Codec(args.model)
+    codec = Codec(args.model, warmup=args.warmup)
     sr = codec.sample_rate
     segment = round(args.segment * sr)
     totals = np.zeros((3, args.bins))
@@ -92,7 +95,10 @@ def main(argv=None) -> int:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{len(paths)} clips, {args.segment} s segments, seed {args.seed}, model {args.model}")
+    print(
+        f"\n{len(paths)} clips, {args.segment} s segments, seed {args.seed}, "
+        f"{codec.warmup} starts, model {args.model}"
+    )
     print("\n| samples after the start | segment RMS | unfolded RMS | ratio |\n|---|---|---|---|")
     for r in rows:
         print(

@@ -14,15 +14,26 @@ from benchmarks.decode_speed import main
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a second worker needs a second core")
 def test_decode_speed_prints_a_row_per_length_and_policy(app_model_dir, capsys):
     args = ["--model", str(app_model_dir), "--seconds", "0.25", "0.6", "--reps", "1"]
-    assert main([*args, "--compare-streams-per-worker", "16"]) == 0
+    compare = ["--compare-streams-per-worker", "16", "--compare-warmup", "exact"]
+    assert main([*args, *compare]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     got = [(r["seconds"], r["segments"], r["streams_per_worker"], r["workers"]) for r in rows]
     # Quarter-second segments: one for 0.25 s, two for 0.6 s, which get a second worker with
     # the engine's own threshold (1 stream each) but not with the former one (16).
-    assert got == [(0.25, 1, 1, 1), (0.25, 1, 16, 1), (0.6, 2, 1, 2), (0.6, 2, 16, 1)]
+    assert got == [(0.25, 1, 1, 1), (0.25, 1, 16, 1), (0.25, 1, 1, 1)] + [
+        (0.6, 2, 1, 2),
+        (0.6, 2, 16, 1),
+        (0.6, 2, 1, 2),
+    ]
+    # Its own starts are primed (the export wrote a primer); the third codec's are exact.
+    assert [(r["warmup"], r["burn_in"]) for r in rows] == [
+        ("primed", 160),
+        ("primed", 160),
+        ("exact", 960),
+    ] * 2
     assert all(r["realtime_best"] >= r["realtime_median"] > 0 for r in rows)
-    assert "| seconds | segments | streams_per_worker | workers |" in out
+    assert "| seconds | segments | start | burn-in | streams_per_worker | workers |" in out
 
 
 def test_decode_speed_refuses_bad_arguments(app_model_dir, capsys):

@@ -15,11 +15,12 @@ def test_generation_benchmark_prints_every_method_and_a_table(capsys):
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows[0]["method"] == "matmul" and rows[0]["macs_per_s"] > 0
     got = {(r["method"], r["precision"]) for r in rows[1:]}
-    for method in ("onnx_batch1", "onnx_folded_2w", "onnx_folded_2w_no_burn_in", "onnx_batch3"):
+    folded = ("onnx_folded_2w", "onnx_folded_2w_steady", "onnx_folded_2w_no_burn_in")
+    for method in ("onnx_batch1", *folded, "onnx_batch3"):
         assert {(method, "fp32"), (method, "int8")} <= got
     assert {("naive_torch", "fp32"), ("incremental_torch", "fp32"), ("encode", "fp32")} <= got
     decoding = [r for r in rows[1:] if "samples_per_s" in r]
-    assert len(decoding) == 11  # 2 PyTorch rows, 5 fp32 and 4 int8 onnx rows
+    assert len(decoding) == 13  # 2 PyTorch rows, 6 fp32 and 5 int8 onnx rows
     assert all(r["samples_per_s"] > 0 and r["macs_per_sample"] == 4352 for r in decoding)
     assert "| tiny | onnx_batch3 | int8 |" in out
     streams = [r for r in rows if r["method"].startswith("stream_")]

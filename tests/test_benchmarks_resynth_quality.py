@@ -29,18 +29,16 @@ def test_scores_reach_their_maxima_only_on_the_clip_itself():
 def test_resynth_quality_prints_a_row_per_precision_and_setting(app_model_dir, capsys):
     wav = str(DATA / "agent-newlocation.wav")
     args = ["--model", str(app_model_dir), "--wav", wav, "--seeds", "2", "--segments", "0.5"]
-    assert main([*args, "--burn-ins", "0", "400"]) == 0
+    assert main([*args, "--burn-ins", "0", "400", "--warmups", "steady", "exact"]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     original, *decoded = rows
     assert original["segment_s"] == "original" and original["stoi"] > 0.999
-    assert [(r["precision"], r["segment_s"], r["burn_in"]) for r in decoded] == [
-        ("fp32", "unfolded", 0),
-        ("fp32", 0.5, 0),
-        ("fp32", 0.5, 400),
-        ("int8", "unfolded", 0),
-        ("int8", 0.5, 0),
-        ("int8", 0.5, 400),
+    settings = [("unfolded", "", 0)] + [
+        (0.5, start, burn_in) for start in ("steady", "exact") for burn_in in (0, 400)
+    ]
+    assert [(r["precision"], r["segment_s"], r["warmup"], r["burn_in"]) for r in decoded] == [
+        (precision, *setting) for precision in ("fp32", "int8") for setting in settings
     ]
     for r in decoded:
         assert r["n"] == 2 and r["stoi"] < original["stoi"] - 0.1 and r["realtime"] > 0
@@ -49,7 +47,8 @@ def test_resynth_quality_prints_a_row_per_precision_and_setting(app_model_dir, c
     assert decoded[0]["stoi_vs_unfolded"] == 0
     for r in decoded[1:]:
         assert r["stoi_vs_unfolded"] == pytest.approx(r["stoi"] - decoded[0]["stoi"])
-    assert "| precision | segment (s) | burn-in | PESQ-WB | STOI | STOI - unfolded fp32" in out
+    header = "| precision | segment (s) | start | burn-in | PESQ-WB | STOI | STOI - unfolded fp32"
+    assert header in out
 
 
 def test_resynth_quality_refuses_zero_seeds_and_negative_burn_ins(app_model_dir, capsys):
