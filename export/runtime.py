@@ -510,9 +510,9 @@ class Codec:
         """Rings and next input class after the primer's last ``context`` samples, decoded
         in ``speaker``'s voice with the primer's own codes (one parallel warm-up call, kept
         per speaker): where a segment starts with ``warmup="primed"``. Sampled from there,
-        the bundled model's later segments were as loud as the unbroken decode from their
-        first samples; from silence (`_steady`) they had 13 % of its RMS over the first 80
-        samples and 70 % at 320 (``python -m benchmarks.segment_loudness``, README)."""
+        the bundled model's later segments had 78 % of the unbroken decode's RMS over their
+        first 80 samples and 94-118 % over each 80 after; from silence (`_steady`), 19 %,
+        then 37-85 % up to sample 1280 (``python -m benchmarks.segment_loudness``, README)."""
         with self._primed_lock:
             if speaker not in self._primed_states:
                 x, ctx = self._primer, self.context
