@@ -160,7 +160,9 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
 
 
 def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(data, tmp_path):
-    steps = 40
+    # Far more steps than four attempts reach: a fast machine (tiny steps of ~20 ms) went
+    # from 17 to 40 within them, finishing the run before the last kill.
+    steps = 200
     cfg = tiny_train_config(tmp_path / "k.toml", checkpoint_every=1, keep_last=3, valid_every=3)
     out = tmp_path / "run"
     argv = [PYTHON, "-m", "training.train", "--config", str(cfg), "--data", str(data)]
