@@ -11,7 +11,8 @@ call at its size (the first call also allocates the rings and binds every step p
 ``--compare-streams-per-worker`` alternates each rep with that `Codec.streams_per_worker` (the
 threshold for a second worker) in the same process, for a ratio on these noisy machines, and
 ``--compare-warmup`` with a codec whose later segments start another way (`Codec`'s
-``warmup``, with that start's own `Codec.burn_in`).
+``warmup``, with that start's own `Codec.burn_in`), ``--compare-min-segment-s`` with one
+whose automatic segments may be shorter or must be longer (`Codec.min_segment`).
 """
 
 from __future__ import annotations
@@ -51,14 +52,22 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="also a codec whose later segments start this way (with its own burn-in)",
     )
+    p.add_argument(
+        "--compare-min-segment-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="also a codec whose shortest automatic segment is S seconds",
+    )
     return p
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    if args.reps < 1 or min(args.seconds) <= 0 or (args.compare_streams_per_worker or 1) < 1:
+    compared = [args.compare_streams_per_worker or 1, args.compare_min_segment_s or 1]
+    if args.reps < 1 or min(args.seconds) <= 0 or min(compared) <= 0:
         print(
-            "error: --reps, --seconds and --compare-streams-per-worker must be positive",
+            "error: --reps, --seconds and the --compare-* values must be positive",
             file=sys.stderr,
         )
         return 2
@@ -68,6 +77,9 @@ def main(argv=None) -> int:
         variants.append((codec, args.compare_streams_per_worker))
     if args.compare_warmup is not None:
         other = Codec(args.model, int8=args.int8, warmup=args.compare_warmup)
+        variants.append((other, other.streams_per_worker))
+    if args.compare_min_segment_s is not None:
+        other = Codec(args.model, int8=args.int8, min_segment_s=args.compare_min_segment_s)
         variants.append((other, other.streams_per_worker))
     rng = np.random.default_rng(0)
     rows = []
@@ -87,6 +99,7 @@ def main(argv=None) -> int:
             row = {
                 "seconds": seconds,
                 "segments": segments,
+                "min_segment": c.min_segment,
                 "warmup": c.warmup,
                 "burn_in": c.burn_in,
                 "streams_per_worker": p,
@@ -99,13 +112,14 @@ def main(argv=None) -> int:
     precision = "int8" if args.int8 else "fp32"
     print(f"\n{args.model.name}, {precision}, median and best of {args.reps}")
     print(
-        "| seconds | segments | start | burn-in | streams_per_worker | workers "
+        "| seconds | segments | min segment | start | burn-in | streams_per_worker | workers "
         "| x real time (median) | best |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['seconds']} | {r['segments']} | {r['warmup']} | {r['burn_in']} "
+            f"| {r['seconds']} | {r['segments']} | {r['min_segment']} | {r['warmup']} "
+            f"| {r['burn_in']} "
             f"| {r['streams_per_worker']} | {r['workers']} "
             f"| {r['realtime_median']} | {r['realtime_best']} |"
         )

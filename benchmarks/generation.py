@@ -10,10 +10,10 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
 * ``incremental_torch``: `model.decoder_step.DecoderStep` with ring buffers, batch 1.
 * ``onnx_batch1``: `export.runtime.Codec.decode` of 0.5 s without folding, one worker thread.
 * ``onnx_folded_<W>w``: one file of ``--seconds`` folded into segments over W worker threads
-  (``--workers``, and 1 for comparison in fp32), with the engine's defaults: later segments
-  start from the primer (`export.primer`, cut from a test clip as ``python -m export`` does)
-  and burn 160 samples.
-* ``onnx_folded_<W>w_steady``: the same with later segments started from silence and the
+  (``--workers``, and 1 for comparison in fp32), with the engine's defaults: eighth-second
+  segments, later ones started from the primer (`export.primer`, cut from a test clip as
+  ``python -m export`` does) with a 160-sample burn-in.
+* ``onnx_folded_<W>w_steady``: later segments started from silence, quarter-second with the
   960-sample burn-in that needs (``Codec(warmup="steady")``), the defaults from 2026-11-26
   09:00 to 14:00 UTC and still those of a model directory without a primer.
 * ``onnx_folded_<W>w_no_burn_in``: the same with eighth-second segments started from silence

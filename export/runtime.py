@@ -387,9 +387,9 @@ class Codec:
     # Per worker; more streams wait in its queue. Its rings take rows x R floats per slot,
     # 2112 slots at `default`: 279 MB for 128 rows.
     max_rows: int = 128
-    # Segments in `decode_stream`'s first wave: half a second of audio at quarter-second
-    # segments. One 8 s `small` file played without gaps after 3.4-4.4 s with 1, 2 or 3
-    # (noise decides); 2 delivers the first chunk after about 1 s, 4 after 2 s.
+    # Segments in `decode_stream`'s first wave (`min_segment` long). With quarter-second
+    # segments from silence, one 8 s `small` file played without gaps after 3.4-4.4 s with
+    # 1, 2 or 3 (noise decides); 2 delivered the first chunk after about 1 s, 4 after 2 s.
     first_wave: int = 2
 
     def __init__(
@@ -657,18 +657,22 @@ class Codec:
 
     @property
     def min_segment(self) -> int:
-        """Shortest automatic segment: a quarter second, and with exact starts at least the
-        receptive field (each costs a warm-up over it). ``Codec(min_segment_s=...)`` overrides
-        it.
+        """Shortest automatic segment: an eighth of a second from primed starts, a quarter
+        from silent ones, and with exact starts at least the receptive field (each costs a
+        warm-up over it). ``Codec(min_segment_s=...)`` overrides it.
 
-        With the default `burn_in`, quarter-second segments resynthesised the bundled model's
-        test clips as intelligibly as an unbroken decode (STOI 0.009 ± 0.009 below it) and as
-        fast as eighth-second ones, which scored 0.023 below (``python -m
-        benchmarks.resynth_quality``, README). One 8 s file gives 32 segments, 16 rows per
-        worker."""
+        The bundled model's resynthesis of 20 held-out clips (``python -m
+        benchmarks.resynth_quality``, README) scored as intelligibly as the unbroken decode
+        with primed eighth-second segments (STOI +0.004 ± 0.009 fp32, +0.007 ± 0.010 int8)
+        as with quarter-second ones (-0.005), and they decoded one file 1.5-1.6x faster at
+        0.5-1 s, 1.3x at 2-4 s and 1.1-1.2x at 8 s (``benchmarks.decode_speed
+        --compare-min-segment-s``): more rows, each generating 2000 + 480 samples instead of
+        4000 + 480. From silence eighth-second segments scored 0.023 below it even with the
+        960-sample burn-in they need, and were no faster."""
         if self._min_segment_s is not None:
             return max(1, round(self._min_segment_s * self.sample_rate))
-        return max(self.sample_rate // 4, self.context if self.warmup == "exact" else 0)
+        shortest = self.sample_rate // (8 if self.warmup == "primed" else 4)
+        return max(shortest, self.context if self.warmup == "exact" else 0)
 
     @property
     def burn_in(self) -> int:

@@ -505,16 +505,21 @@ def test_steady_and_primed_starts_start_only_later_segments(warmup):
 
 
 def test_automatic_segments_and_burn_in(tiny):
-    """Automatic segments go down to a quarter second (one 8 s file: 32 segments), with exact
-    starts to the receptive field too; ``min_segment_s`` overrides that; a batch with enough
-    audio gets longer segments. Later segments burn 60 ms unless told otherwise."""
+    """Automatic segments go down to a quarter second from silent starts (one 8 s file: 32
+    segments), with exact starts to the receptive field too, and to an eighth from primed
+    ones; ``min_segment_s`` overrides that; a batch with enough audio gets longer segments.
+    Later segments burn 60 ms from silence and 10 ms from the primer unless told otherwise.
+    (This tiny export has no primer, so it starts from silence by default.)"""
     _, out = tiny
     steady, exact = Codec(out, workers=2), Codec(out, workers=2, warmup="exact")
     sr = steady.sample_rate
-    assert steady.min_segment == sr // 4
+    assert steady.warmup == "steady" and steady.min_segment == sr // 4
+    primed = Codec(ROOT / "models" / "bundled", workers=2)
+    assert (primed.min_segment, primed.burn_in) == (sr // 8, round(0.01 * sr))
+    n = 8 * sr
+    assert len(primed._segments(n, primed.auto_segment(n), primed.hop, primed.burn_in)) == 64
     assert exact.min_segment == max(exact.context, sr // 4)
     assert Codec(out, min_segment_s=0.125).min_segment == sr // 8
-    n = 8 * sr
     assert len(steady._segments(n, steady.auto_segment(n), steady.hop, steady.burn_in)) == 32
     assert len(exact._segments(n, exact.auto_segment(n), exact.hop, exact.burn_in)) == 32
     many = 4 * steady.workers * steady.target_streams * sr // 4
