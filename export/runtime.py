@@ -481,41 +481,54 @@ class Codec:
             np.concatenate([np.arange(n, 0, -1) for n in needs]),
             np.repeat(sizes, needs),
         )
-        self._primer = self._load_primer(check_hashes) if self.warmup == "primed" else None
+        # The primer every voice starts from (key None) and voices' own (by speaker index).
+        self._primers = self._load_primers(check_hashes) if self.warmup == "primed" else {}
         self._primed_states: dict[int, tuple[np.ndarray, int]] = {}  # per speaker
         self._primed_lock = threading.Lock()
 
-    def _load_primer(self, check_hashes: bool) -> np.ndarray:
-        """The primer's samples (`export.primer`), checked against ``model.json``."""
+    def _load_primers(self, check_hashes: bool) -> dict[int | None, np.ndarray]:
+        """The primers' samples (`export.primer`), checked against ``model.json``: the one
+        every voice starts from (key ``None``) and voices' own (by speaker index)."""
         entry = self.meta.get("primer")
         if entry is None:
             raise ModelDirError(
                 f"{self.dir}: no primer for warmup='primed' (python -m export.primer --model "
                 f"{self.dir} --wav CLIP)"
             )
+        primers = {None: self._read_primer(entry, check_hashes)}
+        for name, own in entry.get("speakers", {}).items():
+            primers[self.speakers.index(name)] = self._read_primer(own, check_hashes)
+        return primers
+
+    def _read_primer(self, entry: dict, check_hashes: bool) -> np.ndarray:
         path = self.dir / entry["file"]
         if not path.is_file():
-            raise ModelDirError(f"{self.dir}: missing {entry['file']} (the primer)")
+            raise ModelDirError(f"{self.dir}: missing {entry['file']} (a primer)")
         if check_hashes and file_sha256(path) != entry["sha256"]:
             raise ModelDirError(f"{path}: sha256 differs from model.json (corrupt or edited)")
         wave, sr = sf.read(path, dtype="float32")
         if sr != self.sample_rate or wave.ndim != 1 or len(wave) < self.context + 1:
             raise ModelDirError(
-                f"{path}: the primer must be mono at {self.sample_rate} Hz with at least "
+                f"{path}: a primer must be mono at {self.sample_rate} Hz with at least "
                 f"{self.context + 1} samples (rewrite it: python -m export.primer)"
             )
         return wave
 
+    def _primer_for(self, speaker: int) -> np.ndarray:
+        """The primer a decode in ``speaker``'s voice starts from: its own, else the shared one."""
+        return self._primers.get(speaker, self._primers[None])
+
     def _primed(self, speaker: int) -> tuple[np.ndarray, int]:
-        """Rings and next input class after the primer's last ``context`` samples, decoded
-        in ``speaker``'s voice with the primer's own codes (one parallel warm-up call, kept
-        per speaker): where a segment starts with ``warmup="primed"``. Sampled from there,
+        """Rings and next input class after the last ``context`` samples of ``speaker``'s
+        primer (`_primer_for`), decoded in that voice with the primer's own codes (one
+        parallel warm-up call, kept per speaker): where a segment starts with
+        ``warmup="primed"``. Sampled from there,
         the bundled model's later segments had 78 % of the unbroken decode's RMS over their
         first 80 samples and 94-118 % over each 80 after; from silence (`_steady`), 19 %,
         then 37-85 % up to sample 1280 (``python -m benchmarks.segment_loudness``, README)."""
         with self._primed_lock:
             if speaker not in self._primed_states:
-                x, ctx = self._primer, self.context
+                x, ctx = self._primer_for(speaker), self.context
                 cond = self.condition(self.encode(x), speaker)
                 g = len(x)
                 idx = self.geometry.cond_index(self.geometry.pad_left + g - ctx + np.arange(ctx))

@@ -48,7 +48,7 @@ def test_a_primed_start_continues_the_primer_as_a_stepped_decode_does():
     assert codec.warmup == "primed"
     ctx, speaker = codec.context, 2
     state, first = codec._primed(speaker)
-    x = codec._primer
+    x = codec._primer_for(speaker)
     g = len(x)
     cond = codec.condition(codec.encode(x), speaker)
     classes = mulaw_encode(x, codec.q)
@@ -157,3 +157,45 @@ def test_primer_cli_writes_the_primer_the_codec_then_starts_from(tmp_path, capsy
     assert "no speech" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "none"), "--wav", str(silent)]) == 1
     assert "no model.json" in capsys.readouterr().err
+
+
+def test_a_voice_with_its_own_primer_starts_from_it(tmp_path, capsys):
+    """``--speaker`` writes a voice's own primer; a decode in that voice starts from it, the
+    others from the shared one. The bundled model has one for each voice but Allison's, whose
+    voice the shared primer is."""
+    bundled = Codec(BUNDLED)
+    assert np.array_equal(bundled._primer_for(0), bundled._primers[None])
+    for speaker in (1, 2, 3):
+        own, _ = sf.read(BUNDLED / f"primer.{speaker}.wav", dtype="float32")
+        np.testing.assert_array_equal(bundled._primer_for(speaker), own)
+
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED, model)
+    meta = json.loads((model / "model.json").read_text())
+    del meta["primer"]["speakers"]
+    (model / "model.json").write_text(json.dumps(meta))
+    shared = Codec(model)
+    assert shared._primers.keys() == {None}
+    args = ["--model", str(model), "--wav", str(DATA / "auth-incorrect.wav")]
+    assert main([*args, "--speaker", "Carlo"]) == 0
+    assert "primer.1.wav" in capsys.readouterr().out
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["primer"]["speakers"]["Carlo"]["source"].startswith("auth-incorrect.wav [")
+    carlo = Codec(model)
+    assert not np.array_equal(carlo._primed(1)[0], shared._primed(1)[0])
+    np.testing.assert_array_equal(carlo._primed(3)[0], shared._primed(3)[0])
+    assert main([*args]) == 0  # a new shared primer keeps the voices' own
+    assert "Carlo" in json.loads((model / "model.json").read_text())["primer"]["speakers"]
+
+    assert main([*args, "--speaker", "Nobody"]) == 1
+    assert "no speaker 'Nobody'" in capsys.readouterr().err
+    (model / "primer.1.wav").write_bytes((model / "primer.2.wav").read_bytes())
+    with pytest.raises(ModelDirError, match="primer.1.wav: sha256"):
+        Codec(model)
+    bare = tmp_path / "bare"
+    shutil.copytree(BUNDLED, bare)
+    meta = json.loads((bare / "model.json").read_text())
+    del meta["primer"]
+    (bare / "model.json").write_text(json.dumps(meta))
+    assert main(["--model", str(bare), "--wav", args[-1], "--speaker", "June"]) == 1
+    assert "default primer" in capsys.readouterr().err
