@@ -19,7 +19,8 @@ voice may have its own primer (``--speaker``), which a decode in that voice star
 Carlo's (male) voice, the bundled model's segments started at 0.62 of the unbroken loudness
 over the first 80 samples and 0.75-0.88 up to 400 from Allison's primer, at 0.96 and
 0.90-1.00 from his own (README).
-Numpy, soundfile and the model directory only (no torch, no onnxruntime).
+
+No torch: numpy, soundfile and the engine's model-directory helpers.
 """
 
 from __future__ import annotations

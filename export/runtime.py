@@ -522,22 +522,26 @@ class Codec:
         """Rings and next input class after the last ``context`` samples of ``speaker``'s
         primer (`_primer_for`), decoded in that voice with the primer's own codes (one
         parallel warm-up call, kept per speaker): where a segment starts with
-        ``warmup="primed"``. Sampled from there,
-        the bundled model's later segments had 78 % of the unbroken decode's RMS over their
-        first 80 samples and 94-118 % over each 80 after; from silence (`_steady`), 19 %,
-        then 37-85 % up to sample 1280 (``python -m benchmarks.segment_loudness``, README)."""
+        ``warmup="primed"``. Sampled from there, the bundled model's later segments had 78 %
+        of the unbroken decode's RMS over their first 80 samples and 94-118 % over each 80
+        after; from silence (`_steady`), 19 %, then 37-85 % up to sample 1280 (``python -m
+        benchmarks.segment_loudness``, README)."""
         with self._primed_lock:
             if speaker not in self._primed_states:
                 x, ctx = self._primer_for(speaker), self.context
                 cond = self.condition(self.encode(x), speaker)
                 g = len(x)
                 idx = self.geometry.cond_index(self.geometry.pad_left + g - ctx + np.arange(ctx))
-                idx = np.clip(idx, 0, len(cond) - 1)
                 prev = mulaw_encode(x[g - ctx - 1 :], self.q)
-                feeds = {"prev": prev[None, :ctx], "cond": cond[idx[0] : idx[-1] + 1][None]}
-                state = self._warm.run(None, {**feeds, "index": (idx - idx[0])[None]})[0][0]
+                state = self._warm_rings(prev[:ctx], cond, np.clip(idx, 0, len(cond) - 1))
                 self._primed_states[speaker] = (state, int(prev[ctx]))
             return self._primed_states[speaker]
+
+    def _warm_rings(self, prev: np.ndarray, cond: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The rings after ``context`` steps fed the classes ``prev`` under the conditioning
+        rows ``cond[at]``, computed in parallel (one `decoder_warmup.onnx` call)."""
+        feeds = {"prev": prev[None], "cond": cond[at[0] : at[-1] + 1][None]}
+        return self._warm.run(None, {**feeds, "index": (at - at[0])[None]})[0][0]
 
     @property
     def codes_hash(self) -> str:
@@ -1230,11 +1234,8 @@ class Codec:
                 elif st.steady:  # endless silence under the first conditioning row
                     steady.append(row)
                 elif self.parallel_warmup:  # the warm-up steps, computed in parallel
-                    w = rows.cidx[row, :ctx]
                     prev = rows.prev[row, :ctx] if forced else np.full(ctx, zero_class)
-                    feeds = {"prev": prev[None], "cond": cond[w[0] : w[-1] + 1][None]}
-                    state = self._warm.run(None, {**feeds, "index": (w - w[0])[None]})[0][0]
-                    place(row, at, state)
+                    place(row, at, self._warm_rings(prev, cond, rows.cidx[row, :ctx]))
             if steady:  # fill their rings with each layer's constant input
                 x = self._steady(cond[rows.cidx[steady, ctx]], zero_class)
                 for i, (offset, size) in enumerate(self._writes):
