@@ -2,6 +2,7 @@
 
     python -m training.invariance --config tiny
     python -m training.invariance --config default     # real geometry, narrowed channels
+    python -m training.invariance --config tiny --device cuda   # the same proof on a GPU
 
 For each case (N predictions per window, window phase against the stride, jitter on/off, a
 batch of 3 utterances of different lengths with padding masks, accumulation split), the
@@ -83,7 +84,7 @@ def naive_loss(out: AutoencoderOutput, beta: float, count: int) -> torch.Tensor:
     routed = out.quantizer.commitment.gather(1, out.slot_frames)
     n_valid = out.mask.sum(1)
     last = out.slot_hi.gather(1, (n_valid - 1)[:, None])
-    used = (torch.arange(routed.shape[1])[None] <= last).to(routed.dtype)
+    used = (torch.arange(routed.shape[1], device=routed.device)[None] <= last).to(routed.dtype)
     window_mean = (routed * used).sum(1) / used.sum(1)
     per = ce + beta * window_mean[:, None]
     return (per * out.mask).sum() / count
@@ -147,11 +148,11 @@ def _collect(model: Autoencoder) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if p.grad is None:
             raise AssertionError(f"parameter {name} received no gradient")
-        grads[name] = p.grad.detach().clone()
+        grads[name] = p.grad.detach().cpu().clone()
     q = model.quantizer
     if q.ema:
-        grads["ema.step_count"] = q.step_count.clone()
-        grads["ema.step_sum"] = q.step_sum.clone()
+        grads["ema.step_count"] = q.step_count.cpu().clone()
+        grads["ema.step_sum"] = q.step_sum.cpu().clone()
     return grads
 
 
@@ -175,8 +176,10 @@ def gradients(
     seed: int = 0,
     epoch: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Summed gradients of one optimiser step made of the given micro-batches."""
+    """Summed gradients of one optimiser step made of the given micro-batches, on the
+    model's device (batches are cut on the CPU and moved there; gradients come back on the CPU)."""
     _reset(model)
+    device = next(model.parameters()).device
     beta = model.cfg.quantizer.beta
     original = model.route
     if method.route is not None:
@@ -187,7 +190,7 @@ def gradients(
                 wave, win, n = method.batch(model, utterances, specs, seed=seed, epoch=epoch)
             else:
                 wave, win, n = make_batch(model.geometry, utterances, specs, seed=seed, epoch=epoch)
-            out = model(wave, win, n)
+            out = model(wave.to(device), win.to(device), n)
             method.loss(out, beta, count).backward()
     finally:
         model.route = original
@@ -309,9 +312,9 @@ def must_fail(case: Case, hop: int, control: str) -> bool:
     return control != "window_jitter" or case.jitter
 
 
-def prepare(cfg: ModelConfig, width: int, jitter: float) -> Autoencoder:
+def prepare(cfg: ModelConfig, width: int, jitter: float, device: str = "cpu") -> Autoencoder:
     cfg = narrow(cfg, width)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     model.jitter_p = jitter
     return model
 
@@ -329,12 +332,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="single-prediction windows per brute-force pass (default 1; 32 at a real stride)",
     )
     p.add_argument("--no-controls", action="store_true", help="skip the negative controls")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (float64 on either)")
     return p
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    model = prepare(load_model_config(args.config), args.width, args.jitter)
+    model = prepare(load_model_config(args.config), args.width, args.jitter, args.device)
     hop = model.geometry.hop
     cases = cases_for(hop)
     if args.n:
@@ -346,7 +350,7 @@ def main(argv=None) -> int:
     cols = ["ours", "ours/split2", "ours/split3", *controls]
     print(
         f"# config={args.config} hop={hop} width={args.width} jitter_p={args.jitter} "
-        f"float64, brute force {chunk} window(s) per pass"
+        f"float64 on {args.device}, brute force {chunk} window(s) per pass"
     )
     print(f"# ours must be <= {TOLERANCE:g}; controls marked * must be > {CONTROL_FLOOR:g}")
     header = f"{'N':>5} {'phase':>5} {'jitter':>6} " + " ".join(f"{c:>15}" for c in cols)
