@@ -202,6 +202,26 @@ def test_sigkill_at_random_moments_never_leaves_a_corrupt_checkpoint(data, tmp_p
     assert not list(out.glob(".*.tmp"))
 
 
+def test_deterministic_setting_switches_the_process_to_reproducible_kernels(
+    data, tmp_path, monkeypatch
+):
+    """``train.deterministic``: what makes CUDA resume bit for bit (tests/test_cuda.py proves
+    that on a GPU); here, that the trainer sets the switches before building the model."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        _trainer(tiny_train_config(tmp_path / "d.toml", deterministic=True), data, tmp_path / "r")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    _trainer(tiny_train_config(tmp_path / "n.toml"), data, tmp_path / "n")
+    assert not torch.are_deterministic_algorithms_enabled()  # off unless asked for
+
+
 # --- NaN handling ------------------------------------------------------------------------------
 
 
@@ -322,11 +342,19 @@ def _step_results(model, batches, world_reduce, broadcast) -> dict[str, torch.Te
     return res
 
 
+def _same(x):
+    return x
+
+
 def model_of(m):
     return m.module if hasattr(m, "module") else m
 
 
-def _ddp_worker(rank: int, world: int, data: str, out: str, init_file: str) -> None:
+def _ddp_worker(
+    rank: int, world: int, data: str, out: str, init_file: str, device: str = "cpu"
+) -> None:
+    """One rank of a gloo group (CPU tensors, or CUDA ones when ``device`` is cuda: gloo moves
+    them, so two ranks can share one GPU, which NCCL refuses)."""
     import torch.distributed as tdist
 
     from training import distributed as dist
@@ -342,12 +370,15 @@ def _ddp_worker(rank: int, world: int, data: str, out: str, init_file: str) -> N
     )
     try:
         dataset = Dataset(data)
-        model = _ddp_model()
+        model = _ddp_model().to(device)
         model.quantizer.cfg.dead_code_threshold = 0.0  # no restarts: candidates differ by rank
         loader = Loader(dataset, model.geometry, seed=11, dtype=torch.float64)
         windows = _ddp_windows(dataset, model.geometry)[rank * 4 : (rank + 1) * 4]
-        batches = [loader.batch(windows[i : i + 2], 3, 60) for i in (0, 2)]  # 2 micro-batches
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        batches = [loader.batch(windows[i : i + 2], 3, 60).to(device) for i in (0, 2)]
+        ids = [0] if device == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, broadcast_buffers=False
+        )
         res = _step_results(ddp, batches, dist.all_reduce_mean, dist.broadcast)
         # A second step where every code is dead: restarts must agree on every rank.
         model.quantizer.cfg.dead_code_threshold = 1e9
@@ -359,27 +390,31 @@ def _ddp_worker(rank: int, world: int, data: str, out: str, init_file: str) -> N
             broadcast=dist.broadcast,
         )
         res["restarted_codebook"] = model.quantizer.codebook.clone()
-        torch.save(res, Path(out) / f"rank{rank}.pt")
+        torch.save({k: v.cpu() for k, v in res.items()}, Path(out) / f"rank{rank}.pt")
         del ddp  # before the group: see `training.distributed.shutdown`
     finally:
         dist.shutdown()
 
 
 def test_two_gloo_ranks_equal_one_rank_in_float64(data, tmp_path):
+    check_two_ranks_equal_one(data, tmp_path, "cpu")
+
+
+def check_two_ranks_equal_one(data, tmp_path, device: str) -> None:
     import torch.multiprocessing as mp
 
     dataset = Dataset(data)
-    model = _ddp_model()
+    model = _ddp_model().to(device)
     model.quantizer.cfg.dead_code_threshold = 0.0
     loader = Loader(dataset, model.geometry, seed=11, dtype=torch.float64)
     windows = _ddp_windows(dataset, model.geometry)
-    batches = [loader.batch(windows[i : i + 4], 3, 60) for i in (0, 4)]  # another split
+    batches = [loader.batch(windows[i : i + 4], 3, 60).to(device) for i in (0, 4)]
     assert sum(b.n_valid() for b in batches) < 8 * 60, "some windows must be masked"
-    single = _step_results(model, batches, lambda x: x, lambda x: x)
+    single = {k: v.cpu() for k, v in _step_results(model, batches, _same, _same).items()}
 
     mp.spawn(
         _ddp_worker,
-        args=(2, str(data), str(tmp_path), str(tmp_path / "init")),
+        args=(2, str(data), str(tmp_path), str(tmp_path / "init"), device),
         nprocs=2,
         join=True,
         daemon=True,  # a worker left behind by a failure must not keep pytest from exiting
@@ -407,6 +442,7 @@ def test_training_cli_runs_under_torchrun_with_two_ranks(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = run_process_group(cmd + ["--no-progress"], timeout=300, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "process group: gloo, 2 rank(s); device cpu" in done.stderr
     ckpt = ckpt_io.load(ckpt_io.checkpoint_path(out, 2))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 2
     assert math.isfinite(ckpt["best_valid_ce"])
@@ -414,16 +450,21 @@ def test_training_cli_runs_under_torchrun_with_two_ranks(data, tmp_path):
 
 def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
     """The mixed-precision path of the trainer (bf16 autocast; CUDA in runs, the same code on
-    CPU here): the quantiser's distances, codes and commitment stay fp32, the EMA usage weights
-    still sum to 1, and the loss and gradients are finite and close to the fp32 step's."""
+    CPU here, and on CUDA in tests/test_cuda.py): the quantiser's distances, codes and
+    commitment stay fp32, the EMA usage weights still sum to 1, and the loss and gradients are
+    finite and close to the fp32 step's."""
+    check_bf16_autocast_step(data, "cpu")
+
+
+def check_bf16_autocast_step(data, device: str) -> None:
     dataset = Dataset(data)
     results = {}
     for name, autocast in (
         ("fp32", None),
-        ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        ("bf16", lambda: torch.autocast(device, dtype=torch.bfloat16)),
     ):
         torch.manual_seed(0)
-        model = Autoencoder(load_model_config("tiny")).train()
+        model = Autoencoder(load_model_config("tiny")).train().to(device)
         dim = model.features.dim
         model.features.set_statistics(torch.linspace(-1, 1, dim), torch.linspace(5, 20, dim))
         seen = {}
@@ -431,6 +472,7 @@ def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
         loader = Loader(dataset, model.geometry, seed=11)
         windows = _ddp_windows(dataset, model.geometry)
         batches = [loader.batch(windows[:4], 0, 60), loader.batch(windows[4:], 0, 60)]
+        batches = [b.to(device) for b in batches]
         kwargs = {} if autocast is None else {"autocast": autocast}
         sums = train_mod.accumulate(model, batches, model.cfg.quantizer.beta, **kwargs)
         out = seen["out"]
@@ -439,7 +481,7 @@ def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None and g.dtype == torch.float32 for g in grads)
         assert all(bool(torch.isfinite(g).all()) for g in grads)
-        results[name] = (float(sums.loss), torch.cat([g.flatten() for g in grads]))
+        results[name] = (float(sums.loss), torch.cat([g.flatten() for g in grads]).cpu())
     (loss32, g32), (loss16, g16) = results["fp32"], results["bf16"]
     assert math.isfinite(loss16) and abs(loss16 - loss32) < 2e-2 * loss32
     cosine = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))

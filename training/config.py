@@ -38,6 +38,9 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     amp: bool = True  # bf16 autocast, CUDA only; the quantiser stays in fp32
+    # Bit-reproducible CUDA steps (torch.use_deterministic_algorithms): a resumed run then
+    # equals the straight one bit for bit, as on CPU. Off by default: it costs speed.
+    deterministic: bool = False
     max_bad_steps: int = 10  # NaN/Inf steps in a row before checkpoint-and-stop
     kmeans_windows: int = 64  # windows whose encoder outputs seed the codebook (0: no k-means)
     stats_utterances: int = 200  # utterances sampled when feature statistics must be computed

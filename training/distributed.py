@@ -56,6 +56,11 @@ def init(device_type: str) -> bool:
     return world_size() > 1
 
 
+def backend() -> str:
+    """The process group's backend ("nccl", "gloo"), or "none" outside one."""
+    return str(dist.get_backend()) if is_initialized() else "none"
+
+
 def shutdown() -> None:
     """Destroy the process group, through its Python object: that releases the GIL while gloo
     joins its worker threads, which may need the GIL to free a finished collective's tensors.

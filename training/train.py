@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -129,6 +130,8 @@ class Trainer:
         self.device = _pick_device(device)
         dist.init(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
+        if dist.is_initialized():
+            log(f"process group: {dist.backend()}, {self.world} rank(s); device {self.device}")
         try:
             self.dataset = Dataset(data)
         except (FileNotFoundError, ValueError) as exc:
@@ -144,6 +147,8 @@ class Trainer:
             train_cfg = saved_train
         self.model_cfg, self.cfg = model_cfg, train_cfg
         cfg = train_cfg
+        if cfg.deterministic:
+            _make_deterministic()
         n_spk = len(self.dataset.speakers)
         if n_spk > model_cfg.decoder.n_speakers:
             raise TrainingError(
@@ -452,6 +457,17 @@ class Trainer:
             seen.append(w.utt)
             wave = torch.from_numpy(self.dataset.wave(w.utt)[: 4 * sr].copy())
             writer.add_audio(f"input/{self.dataset.records[w.utt].id}", wave[None], 0, sr)
+
+
+def _make_deterministic() -> None:
+    """Bit-reproducible kernels for the rest of the process. On CUDA the quantiser's
+    ``index_add_`` and the gathers' backward add with atomics, and cuDNN may pick another
+    algorithm per run, so the last bits of a step change from run to run and a resumed run
+    drifts from the straight one; CPU kernels are reproducible already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def _pick_device(name: str | None) -> torch.device:
