@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run sized for a short lease on a GPU machine:
+#
+#     bash benchmarks/cuda_run.sh DATA [OUT]     # DATA: a prepared dataset (python -m training.prepare)
+#
+# 1. the CUDA tests (tests/test_cuda.py: invariance, bf16, compile, resume, DDP, NCCL);
+# 2. benchmarks.train_step on CUDA (ours against the naive decoder, small and default) at 2
+#    and at 8 windows per step;
+# 3. benchmarks.train_throughput on DATA at default: fp32 and bf16 (profiled), the same at
+#    32 windows per step, bf16 with and without train.deterministic, and bf16 under
+#    torch.compile (recompilations logged, profiled);
+# 4. the whole float64 invariance grid on the GPU (python -m training.invariance --device cuda).
+# STAGES="pytest compile" runs only the stages named (env pytest train_step train_step_w8
+# throughput throughput_w32 deterministic compile invariance). Each stage has its own time limit and log under OUT (default: $OUT, else artifacts/cuda_run);
+# a failing stage does not stop the later ones, and the exit status counts the failures.
+set -u
+data=${1:?usage: cuda_run.sh DATA [OUT]}
+out=${2:-${OUT:-artifacts/cuda_run}}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+failed=0
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.txt"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+want() { [ -z "${STAGES:-}" ] || [[ " $STAGES " == *" $1 "* ]]; }
+bench=("$py" -m benchmarks.train_throughput --data "$data")
+
+want env && stage env 30 bash -c "nvidia-smi; $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.get_device_name(0))'"
+want pytest && stage pytest 240 "$py" -m pytest -m gpu tests/test_cuda.py -v -s -p no:cacheprovider
+want train_step && stage train_step 90 "$py" -m benchmarks.train_step --devices cuda
+want train_step_w8 && stage train_step_w8 90 "$py" -m benchmarks.train_step --devices cuda --windows 8
+want throughput && stage throughput 150 "${bench[@]}" --variants fp32 bf16 --steps 20 --skip 5 --profile 3
+want throughput_w32 && stage throughput_w32 90 "${bench[@]}" --variants fp32 bf16 --windows 32 --steps 15 --skip 5
+want deterministic && stage deterministic 90 "${bench[@]}" --variants bf16 bf16-deterministic --steps 15 --skip 5
+want compile && stage compile 180 env TORCH_LOGS=recompiles "${bench[@]}" --variants bf16-compile --steps 14 --skip 10 --profile 2
+want invariance && stage invariance 120 "$py" -m training.invariance --config tiny --device cuda
+echo "stages failed: $failed"
+exit "$failed"

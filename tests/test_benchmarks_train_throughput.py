@@ -1,0 +1,59 @@
+"""Smoke tests of the trainer-throughput benchmark on CPU at the tiny config (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.train_throughput import main
+from tests.test_data import write_clip_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_clip_dataset(tmp_path_factory.mktemp("clips"))
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+
+
+def _rows(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_benchmark_times_trainer_steps_and_leaves_determinism_as_it_found_it(
+    data, capsys, restore_determinism
+):
+    argv = ["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "3"]
+    argv += ["--skip", "1", "--windows", "2", "--variants", "bf16-deterministic", "fp32"]
+    assert main([*argv, "--profile", "1"]) == 0
+    out = capsys.readouterr().out
+    det, fp32 = _rows(out)
+    assert det["deterministic"] and not fp32["deterministic"]
+    assert not torch.are_deterministic_algorithms_enabled()  # reset after its variant
+    for r in (det, fp32):
+        assert r["bench"] == "train_throughput" and r["windows"] == 2 and r["timed_steps"] == 2
+        assert r["samples_per_s"] >= r["samples_per_s_min"] > 0
+        assert not r["amp"]  # autocast is a CUDA-only setting of the trainer
+        assert r["profile_wall_ms_per_step"] > 0
+    # Same seed, same steps: on CPU the deterministic switch changes nothing.
+    assert det["loss_first"] == fp32["loss_first"] and det["loss_last"] == fp32["loss_last"]
+    assert "# profile: tiny fp32, 1 steps" in out and "aten::" in out
+    assert "| tiny | cpu | fp32 | 2 x " in out
+
+
+def test_benchmark_rejects_steps_not_above_skip(data, capsys):
+    assert main(["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2"]) == 2
+    assert "--steps must exceed --skip" in capsys.readouterr().err
+
+
+def test_a_failing_variant_is_reported_and_fails_the_run(tmp_path, capsys):
+    assert main(["--config", "tiny", "--data", str(tmp_path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "error: fp32:" in err and "error: bf16-compile:" in err
