@@ -104,6 +104,19 @@ def test_cli_rejects_too_many_speakers_and_existing_runs(data, tmp_path, capsys)
     assert "--resume" in capsys.readouterr().err
 
 
+def test_cli_rejects_devices_it_cannot_train_on(data, tmp_path, capsys):
+    bad = {"gpu": "Expected one of", "mps": "runs on cpu or cuda"}
+    if not torch.cuda.is_available():
+        bad["cuda"] = "no usable CUDA device"
+    cfg = tiny_train_config(tmp_path / "t.toml")
+    for device, message in bad.items():
+        argv = ["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / device)]
+        assert train_mod.main([*argv, "--device", device]) == train_mod.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: device {device!r}") and message in err, err
+        assert not (tmp_path / device).exists()  # refused before anything is written
+
+
 def test_feature_statistics_come_from_stats_json_only_when_its_features_match(tmp_path, capsys):
     import json
 

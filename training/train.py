@@ -193,6 +193,11 @@ class Trainer:
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
             self.forward_model = torch.compile(self.model)
+            if self.device.type == "cuda":
+                log(
+                    "note: train.compile was 20x slower than eager on an H100 at the default "
+                    "config (README, 'Trainer throughput'); compare before a long run"
+                )
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Buffers are kept equal by the EMA reduce and rank 0's restarts; DDP's per-forward
@@ -473,7 +478,14 @@ def _make_deterministic() -> None:
 def _pick_device(name: str | None) -> torch.device:
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError(f"device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r}: this machine has no usable CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"device {name!r}: the trainer runs on cpu or cuda")
     if device.type == "cuda" and dist.launched_by_torchrun():
         device = torch.device("cuda", dist.local_rank())
     return device
