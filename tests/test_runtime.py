@@ -186,6 +186,26 @@ def test_decode_many_batches_requests_of_different_lengths(tiny):
     assert seen and seen[-1][0] == seen[-1][1] > 3000
 
 
+def test_fp32_requests_decode_alike_alone_and_batched_and_int8_ones_do_not(tmp_path):
+    """fp32 rows never meet: a request decoded among others equals it decoded alone, sample
+    for sample (what ``app.cli --batch-seconds`` relies on). int8's dynamic quantisation
+    scales each product's input over all rows, so there the batch changes the samples: the
+    control that shows this comparison sees a cross-row effect (README, "int8")."""
+    ckpt = make_checkpoint(tmp_path / "m.pt", "tiny", seed=5)
+    model, speakers, _ = load_checkpoint(ckpt)
+    export_model(model, speakers, tmp_path / "q", int8=True)
+    for int8 in (False, True):
+        codec = Codec(tmp_path / "q", int8=int8)
+        reqs = [
+            DecodeRequest(codec.encode(clip(name, n)), speaker=s, n_samples=n, seed=s + 3)
+            for name, n, s in (("activated", 6000, 0), ("agent-newlocation", 9000, 1))
+        ]
+        together = codec.decode_many(reqs, segment=2500, overlap=160)
+        alone = [codec.decode_many([r], segment=2500, overlap=160)[0] for r in reqs]
+        same = [np.array_equal(t, a) for t, a in zip(together, alone)]
+        assert same == [not int8] * 2, (int8, same)
+
+
 def test_default_sample_count_is_the_most_the_codes_hold(tiny):
     _, out = tiny
     codec = Codec(out)
