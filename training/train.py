@@ -14,8 +14,9 @@ gradient of the whole global batch, however it is split.
 
 Everything an uninterrupted run would have is in each checkpoint (weights, optimiser, schedule,
 codebook buffers, every rank's RNG states, sampler position, best validation CE, resolved config),
-so ``--resume`` continues bit for bit. A NaN/Inf loss or gradient skips the step; ``max_bad_steps``
-in a row write a checkpoint and exit with status 3.
+so ``--resume`` continues bit for bit: on CPU always, on CUDA with ``train.deterministic`` (CUDA's
+atomic adds otherwise change the last bits from run to run; tests/test_cuda.py). A NaN/Inf loss
+or gradient skips the step; ``max_bad_steps`` in a row write a checkpoint and exit with status 3.
 """
 
 from __future__ import annotations
