@@ -17,6 +17,10 @@ set -u
 data=${1:?usage: cuda_run.sh DATA [OUT]}
 out=${2:-${OUT:-artifacts/cuda_run}}
 py=${PYTHON:-python3}
+if [ ! -f "$data/index.json" ]; then
+    echo "error: $data is not a prepared dataset (python -m training.prepare --out $data)" >&2
+    exit 2
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 failed=0
