@@ -11,8 +11,9 @@
 #    torch.compile (recompilations logged, profiled);
 # 4. the whole float64 invariance grid on the GPU (python -m training.invariance --device cuda).
 # STAGES="pytest compile" runs only the stages named (env pytest train_step train_step_w8
-# throughput throughput_w32 deterministic compile invariance). Each stage has its own time limit and log under OUT (default: $OUT, else artifacts/cuda_run);
-# a failing stage does not stop the later ones, and the exit status counts the failures.
+# throughput throughput_w32 deterministic compile invariance). Each stage has its own time
+# limit and log under OUT (default: $OUT, else artifacts/cuda_run); a failing stage does not
+# stop the later ones. Exit status: 0 all stages passed, 1 some failed, 2 usage error.
 set -u
 data=${1:?usage: cuda_run.sh DATA [OUT]}
 out=${2:-${OUT:-artifacts/cuda_run}}
@@ -21,6 +22,13 @@ if [ ! -f "$data/index.json" ]; then
     echo "error: $data is not a prepared dataset (python -m training.prepare --out $data)" >&2
     exit 2
 fi
+all_stages="env pytest train_step train_step_w8 throughput throughput_w32 deterministic compile invariance"
+for name in ${STAGES:-}; do
+    if [[ " $all_stages " != *" $name "* ]]; then
+        echo "error: unknown stage '$name' in STAGES (stages: $all_stages)" >&2
+        exit 2
+    fi
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 failed=0
@@ -30,7 +38,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     shift 2
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    timeout -k 15 "$limit" "$@" >"$out/$name.txt" 2>&1  # -k: a stage deaf to TERM is killed
     local rc=$?
     tail -n 25 "$out/$name.txt"
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
@@ -40,7 +48,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 want() { [ -z "${STAGES:-}" ] || [[ " $STAGES " == *" $1 "* ]]; }
 bench=("$py" -m benchmarks.train_throughput --data "$data")
 
-want env && stage env 30 bash -c "nvidia-smi; $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.get_device_name(0))'"
+want env && stage env 30 bash -c 'nvidia-smi && "$0" -c "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.get_device_name(0))"' "$py"
 want pytest && stage pytest 240 "$py" -m pytest -m gpu tests/test_cuda.py -v -s -p no:cacheprovider
 want train_step && stage train_step 90 "$py" -m benchmarks.train_step --devices cuda
 want train_step_w8 && stage train_step_w8 90 "$py" -m benchmarks.train_step --devices cuda --windows 8
@@ -50,4 +58,4 @@ want deterministic && stage deterministic 90 "${bench[@]}" --variants bf16 bf16-
 want compile && stage compile 180 env TORCH_LOGS=recompiles "${bench[@]}" --variants bf16-compile --steps 14 --skip 10 --profile 2
 want invariance && stage invariance 120 "$py" -m training.invariance --config tiny --device cuda
 echo "stages failed: $failed"
-exit "$failed"
+[ "$failed" -eq 0 ]

@@ -46,6 +46,20 @@ VARIANTS = {
 
 
 def measure(args, variant: str, progress) -> dict:
+    """One variant's row. `train.deterministic` switches the whole process to reproducible
+    kernels; they are switched back afterwards, failure or not, so later variants run without.
+    (A cuBLAS workspace setting read at cuBLAS's start stays: run that variant alone, or first,
+    for a clean comparison.)"""
+    deterministic = VARIANTS[variant][2]
+    try:
+        return _measure(args, variant, progress)
+    finally:
+        if deterministic:
+            torch.use_deterministic_algorithms(False)
+            torch.backends.cudnn.deterministic = False
+
+
+def _measure(args, variant: str, progress) -> dict:
     amp, compile_, deterministic = VARIANTS[variant]
     model_cfg, train_cfg = load_model_config(args.config), load_train_config(args.config)
     train_cfg.amp, train_cfg.compile = amp, compile_
@@ -93,15 +107,13 @@ def measure(args, variant: str, progress) -> dict:
         if args.profile:
             row.update(profile(trainer, args.profile, f"{args.config} {variant}"))
         del trainer
-    if deterministic:  # the trainer set these for its process; later variants run without
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
     return row
 
 
 def profile(trainer: Trainer, steps: int, title: str) -> dict:
     """Profile ``steps`` more steps: print the operators that take the most device time and
-    the most CPU time, and return the share of each step's wall time the device was busy."""
+    the most CPU time; return the wall time per step and, on CUDA, the kernel time per step."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -120,8 +132,13 @@ def profile(trainer: Trainer, steps: int, title: str) -> dict:
     for key in keys:
         print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
     result = {"profile_wall_ms_per_step": 1e3 * wall}
-    if cuda:  # microseconds of kernel time per step, summed over the operators' own time
-        busy = sum(e.self_device_time_total for e in events) / steps / 1e3
+    if cuda:  # kernel time per step: the device's own events, as the table's total counts it
+        kernels = [
+            e
+            for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
+        busy = sum(e.self_device_time_total for e in kernels) / steps / 1e3
         result["profile_device_busy_ms_per_step"] = busy
     return result
 

@@ -57,3 +57,19 @@ def test_a_failing_variant_is_reported_and_fails_the_run(tmp_path, capsys):
     assert main(["--config", "tiny", "--data", str(tmp_path), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "error: fp32:" in err and "error: bf16-compile:" in err
+
+
+def test_a_variant_that_fails_mid_run_still_switches_determinism_back(
+    data, capsys, monkeypatch, restore_determinism
+):
+    from benchmarks import train_throughput
+
+    def broken(self):
+        assert torch.are_deterministic_algorithms_enabled()  # the variant's own setting
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(train_throughput.Trainer, "train_step", broken)
+    argv = ["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2"]
+    assert main([*argv, "--skip", "1", "--variants", "bf16-deterministic"]) == 1
+    assert "error: bf16-deterministic: RuntimeError: step failed" in capsys.readouterr().err
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -123,7 +123,6 @@ def test_resume_on_cuda_continues_bit_for_bit_when_deterministic(data, tmp_path)
     a = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "straight", 6))
     b = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "split", 6))
     assert a["step"] == 6 and a["optimizer"]["state"]
-    assert "cuda" in a["rng"][0], "the CUDA generator's state must be saved"
     _assert_same(a, b)
 
 

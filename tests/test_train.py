@@ -220,7 +220,8 @@ def test_deterministic_setting_switches_the_process_to_reproducible_kernels(
 ):
     """``train.deterministic``: what makes CUDA resume bit for bit (tests/test_cuda.py proves
     that on a GPU); here, that the trainer sets the switches before building the model."""
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so restored after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     assert not torch.are_deterministic_algorithms_enabled()
     try:

@@ -485,6 +485,8 @@ def _pick_device(name: str | None) -> torch.device:
         raise TrainingError(f"device {name!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r}: this machine has no usable CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type not in ("cpu", "cuda"):
         raise TrainingError(f"device {name!r}: the trainer runs on cpu or cuda")
     if device.type == "cuda" and dist.launched_by_torchrun():
