@@ -159,9 +159,19 @@ def test_browser_records_from_the_microphone_and_encodes(page, app_server):
     box.get_by_role("button", name="Record").first.click()
     page.wait_for_timeout(800)
     box.get_by_role("button", name="Stop").first.click()
+    # The recording becomes the component's value 50-300 ms after Stop, when it is uploaded
+    # and the player (with a Download button) replaces the recorder; encoding before that
+    # sends no audio (a likely cause of one 60 s timeout in CI; not reproduced under load).
+    box.locator("[aria-label='Download']").first.wait_for(timeout=30_000)
     page.locator("#encode-btn").click()
     info = page.locator("#encode-info")
-    info.get_by_text("duration").wait_for(timeout=60_000)
+    try:
+        info.get_by_text("duration").wait_for(timeout=60_000)
+    except Exception:  # say what the page showed instead
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser_record_failed.png"), full_page=True)
+        toasts = page.locator("[data-testid=toast-text]").all_inner_texts()
+        pytest.fail(f"no encoding after recording: info {info.inner_text()!r}, toasts {toasts}")
     seconds = float(info.inner_text().split("duration: ")[1].split(" s")[0])
     assert 0.5 < seconds <= 2.0  # the recording, under the test server's 2 s limit
     page.locator("#encode-file a[download]").wait_for(timeout=10_000)
