@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from model.config import load_model_config
 from training.config import load_train_config
-from training.train import Trainer
+from training.train import Trainer, set_deterministic
 
 # variant: (amp, compile, deterministic)
 VARIANTS = {
@@ -55,8 +55,7 @@ def measure(args, variant: str, progress) -> dict:
         return _measure(args, variant, progress)
     finally:
         if deterministic:
-            torch.use_deterministic_algorithms(False)
-            torch.backends.cudnn.deterministic = False
+            set_deterministic(False)
 
 
 def _measure(args, variant: str, progress) -> dict:

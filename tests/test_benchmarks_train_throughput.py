@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.train_throughput import main
 from tests.test_data import write_clip_dataset
+from training.train import set_deterministic
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def restore_determinism():
     yield
-    torch.use_deterministic_algorithms(False)
-    torch.backends.cudnn.deterministic = False
+    set_deterministic(False)
 
 
 def _rows(stdout: str) -> list[dict]:

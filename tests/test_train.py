@@ -230,8 +230,7 @@ def test_deterministic_setting_switches_the_process_to_reproducible_kernels(
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+        train_mod.set_deterministic(False)
     _trainer(tiny_train_config(tmp_path / "n.toml"), data, tmp_path / "n")
     assert not torch.are_deterministic_algorithms_enabled()  # off unless asked for
 

@@ -149,7 +149,7 @@ class Trainer:
         self.model_cfg, self.cfg = model_cfg, train_cfg
         cfg = train_cfg
         if cfg.deterministic:
-            _make_deterministic()
+            set_deterministic(True)
         n_spk = len(self.dataset.speakers)
         if n_spk > model_cfg.decoder.n_speakers:
             raise TrainingError(
@@ -465,15 +465,17 @@ class Trainer:
             writer.add_audio(f"input/{self.dataset.records[w.utt].id}", wave[None], 0, sr)
 
 
-def _make_deterministic() -> None:
-    """Bit-reproducible kernels for the rest of the process. On CUDA the quantiser's
-    ``index_add_`` and the gathers' backward add with atomics, and cuDNN may pick another
-    algorithm per run, so the last bits of a step change from run to run and a resumed run
-    drifts from the straight one; CPU kernels are reproducible already."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+def set_deterministic(enabled: bool) -> None:
+    """Bit-reproducible kernels for the rest of the process (``train.deterministic``), or back
+    to PyTorch's defaults. On CUDA the quantiser's ``index_add_`` and the gathers' backward add
+    with atomics, and cuDNN may pick another algorithm per run, so the last bits of a step
+    change from run to run and a resumed run drifts from the straight one; CPU kernels are
+    reproducible already."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
 
 
 def _pick_device(name: str | None) -> torch.device:
