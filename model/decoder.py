@@ -2,7 +2,7 @@
 
 Conditioning is projected for every layer at once at the slot rate (50 Hz) and gathered per
 sample, 320x cheaper than projecting an upsampled full-rate tensor; the gather is the
-upsampling-by-repetition of DESIGN.md (on CPU its backward sums runs of equal indices with
+upsampling-by-repetition of DESIGN.md (its backward sums runs of equal indices with
 ``segment_reduce``, several times faster than the gather's own ``scatter_add``). The last
 layer has no residual projection (its output would be unused, and every parameter must receive
 gradient for DDP).
@@ -18,12 +18,42 @@ from model.config import DecoderConfig
 from model.geometry import Conv, Upsample
 
 
+def segment_sum(grad: torch.Tensor, index: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Sums of ``grad [B, C, T]`` over each run of equal ``index [B, T]`` -> ``[B, C, n_cols]``.
+
+    ``index`` must be non-decreasing in every row. One ``segment_reduce`` over all rows, run
+    lengths by ``searchsorted``: no host sync and no atomics, so it is deterministic on CUDA
+    (``benchmarks/gather_backward.py`` compares it with ``scatter_add``). bf16 and fp16 are
+    summed in fp32: ``segment_reduce`` accumulates in the input's type, and a bf16 sum of 320
+    ones is 256.
+    """
+    b, c, _ = grad.shape
+    dtype = grad.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        grad = grad.float()
+    cols = torch.arange(n_cols + 1, device=index.device).expand(b, -1).contiguous()
+    lengths = torch.searchsorted(index.contiguous(), cols).diff(dim=1)  # [B, n_cols]
+    lengths = lengths[:, None, :].expand(-1, c, -1).reshape(b * c, n_cols)
+    # unsafe: skip segment_reduce's own checks of the lengths, each a host sync on CUDA
+    out = torch.segment_reduce(grad.reshape(b * c, -1), "sum", lengths=lengths, axis=1, unsafe=True)
+    return out.view(b, c, n_cols).to(dtype)
+
+
+def _check_non_decreasing(index: torch.Tensor) -> None:
+    ok = (index[:, 1:] >= index[:, :-1]).all()
+    message = "cond_index must be non-decreasing along time in every row"
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not ok:
+            raise ValueError(message)
+    else:  # asynchronous: a host check would stall CUDA's launch queue and break compiled graphs
+        torch._assert_async(ok, message)
+
+
 class _RepeatByIndex(torch.autograd.Function):
     """``c [B, K, C]`` gathered along time by ``index [B, T]`` (non-decreasing in every row).
 
-    The forward is ``torch.gather``; the backward sums each run of equal indices with
-    ``segment_reduce``, in the same order as the gather's ``scatter_add`` but without its
-    per-element scatter (about 3x faster on CPU for the decoder's shapes).
+    The forward is ``torch.gather``; the backward is `segment_sum`, which sums each run of
+    equal indices instead of the gather's per-element ``scatter_add``.
     """
 
     @staticmethod
@@ -36,13 +66,18 @@ class _RepeatByIndex(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        rows = []
-        for g, idx in zip(grad, index):
-            lengths = torch.bincount(idx, minlength=ctx.n_cols).expand(g.shape[0], -1)
-            rows.append(
-                torch.segment_reduce(g.contiguous(), "sum", lengths=lengths.contiguous(), axis=1)
-            )
-        return torch.stack(rows), None
+        return segment_sum(grad.contiguous(), index, ctx.n_cols), None
+
+
+def repeat_by_index(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Training's conditioning gather (``benchmarks.train_throughput`` swaps in `gather` to
+    compare)."""
+    return _RepeatByIndex.apply(c, index)
+
+
+def gather(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``c [B, K, C]`` gathered along time by ``index [B, T]``, with PyTorch's own backward."""
+    return c.gather(2, index[:, None, :].expand(-1, c.shape[1], -1))
 
 
 class WaveNetDecoder(nn.Module):
@@ -107,21 +142,16 @@ class WaveNetDecoder(nn.Module):
         if n_out < 1:
             raise ValueError(f"the decoder needs more than {inputs.shape[1]} input samples")
         # The segment-sum backward needs runs of equal indices (true of repetition; checked).
-        runs = (
-            cond.requires_grad
-            and torch.is_grad_enabled()
-            and cond.device.type == "cpu"
-            and bool((cond_index[:, 1:] >= cond_index[:, :-1]).all())
-        )
+        repeat = gather
+        if cond.requires_grad and torch.is_grad_enabled():
+            _check_non_decreasing(cond_index)
+            repeat = repeat_by_index
         skips = 0
         for i, conv in enumerate(self.dilated):
             h = conv(x)  # [B, 2G, T_i]
             idx = cond_index[:, cond_index.shape[1] - h.shape[-1] :]
             c = cond[:, i * 2 * g : (i + 1) * 2 * g]
-            if runs:
-                h = h + _RepeatByIndex.apply(c, idx)
-            else:
-                h = h + torch.gather(c, 2, idx[:, None, :].expand(-1, 2 * g, -1))
+            h = h + repeat(c, idx)
             a, b = h.chunk(2, dim=1)
             z = torch.tanh(a) * torch.sigmoid(b)  # [B, G, T_i]
             skips = skips + self.skip[i](z[..., z.shape[-1] - n_out :])

@@ -6,7 +6,7 @@ CI has no GPU, so every test here is skipped there; on a GPU machine run
 
 (`benchmarks/cuda_run.sh` does, with the CUDA benchmarks). Where the CPU suite has the same
 check (invariance, bf16 autocast, DDP), it is reused with ``device="cuda"``, so the two cannot
-drift apart; all 10 passed on an H100 on 2026-11-26.
+drift apart; all 10 then present passed on an H100 on 2026-11-26.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from model.autoencoder import Autoencoder
 from model.config import load_model_config
 from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
+from tests.test_decoder import check_low_precision_sums, check_segment_sum
 from tests.test_train import (
     _assert_same,
     _ddp_windows,
@@ -52,7 +53,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", [Case(1, 3, False), Case(17, 1, True), Case(55, 8, True)])
 def test_batch_invariance_holds_on_cuda_in_float64(case):
-    """DESIGN.md's proof on the GPU: cuDNN's convolutions and CUDA's scatter-adds keep the
+    """DESIGN.md's proof on the GPU: cuDNN's convolutions and CUDA's segment sums keep the
     batched gradient equal to the mean of per-prediction ones, and the naive loss still fails."""
     model = prepare(load_model_config("tiny"), width=8, jitter=0.5, device="cuda")
     controls = ("naive",) if must_fail(case, TINY_HOP, "naive") else ()
@@ -66,6 +67,28 @@ def test_real_geometry_invariance_on_cuda():
     model = prepare(load_model_config("default"), width=8, jitter=0.5, device="cuda")
     errors = run_case(model, Case(700, 160, True), methods=("ours",), chunk=32)
     assert errors["ours"] <= TOLERANCE, errors
+
+
+def test_segment_sum_on_cuda_equals_the_gathers_own_backward():
+    check_segment_sum("cuda")
+    check_low_precision_sums("cuda")
+
+
+def test_decreasing_conditioning_index_on_cuda_fails_loudly():
+    """The decoder's check is a device-side assert on CUDA (no host sync): a bad index kills
+    the process's CUDA context, so it runs in its own process."""
+    code = (
+        "import torch\n"
+        "from model.decoder import _check_non_decreasing\n"
+        "_check_non_decreasing(torch.arange(8, device='cuda')[None])\n"
+        "torch.cuda.synchronize()\n"
+        "print('increasing: ok', flush=True)\n"
+        "_check_non_decreasing(torch.arange(8, device='cuda').flip(0)[None])\n"
+        "torch.cuda.synchronize()\n"
+    )
+    done = run_process_group([sys.executable, "-c", code], timeout=120, cwd=ROOT)
+    assert "increasing: ok" in done.stdout, done.stderr[-2000:]
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
 
 
 def test_cuda_logits_equal_cpu_logits(data):
