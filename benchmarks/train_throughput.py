@@ -9,9 +9,11 @@ on the CPU, the forward and backward passes, the all-reduce, gradient clipping, 
 EMA codebook update, with the config's windows, predictions and accumulation. Each variant is
 a fresh Trainer with the same seed: ``fp32`` (eager, no autocast), ``bf16`` (eager, bf16
 autocast), ``bf16-compile`` (that under torch.compile) and ``bf16-deterministic`` (bf16 with
-``train.deterministic``; not run by default). The first ``--skip`` steps (compilation, cuDNN
-autotuning, allocator warm-up) are left out of the median; the first step's wall time is
-reported on its own, as it holds the compilation. Peak memory is
+``train.deterministic``; not run by default). Each has a ``-scatter`` twin (``bf16-scatter``
+...) whose decoder uses PyTorch's own gather backward (``scatter_add``) instead of its
+segment sum (`model.decoder.segment_sum`), for comparison in one run. The first ``--skip``
+steps (compilation, cuDNN autotuning, allocator warm-up) are left out of the median; the
+first step's wall time is reported on its own, as it holds the compilation. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA, and not measured on CPU. ``--profile K`` then
 profiles K steps (torch.profiler): the operators with the most device and CPU time, and the
 device's busy time per step against the wall time.
@@ -28,21 +30,26 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 from tqdm import tqdm
 
+from model import decoder
 from model.config import load_model_config
 from training.config import load_train_config
 from training.train import Trainer, set_deterministic
 
-# variant: (amp, compile, deterministic)
-VARIANTS = {
+# variant: (amp, compile, deterministic); a "-scatter" suffix swaps the decoder's
+# segment-sum gather backward for PyTorch's own (scatter_add), the path before 2026-11-27.
+BASE_VARIANTS = {
     "fp32": (False, False, False),
     "bf16": (True, False, False),
     "bf16-compile": (True, True, False),
     "bf16-deterministic": (True, False, True),
 }
+SCATTER = "-scatter"
+VARIANTS = BASE_VARIANTS | {name + SCATTER: v for name, v in BASE_VARIANTS.items()}
 
 
 def measure(args, variant: str, progress) -> dict:
@@ -51,8 +58,10 @@ def measure(args, variant: str, progress) -> dict:
     (A cuBLAS workspace setting read at cuBLAS's start stays: run that variant alone, or first,
     for a clean comparison.)"""
     deterministic = VARIANTS[variant][2]
+    gather = decoder.gather if variant.endswith(SCATTER) else decoder.repeat_by_index
     try:
-        return _measure(args, variant, progress)
+        with mock.patch.object(decoder, "repeat_by_index", gather):
+            return _measure(args, variant, progress)
     finally:
         if deterministic:
             set_deterministic(False)
