@@ -461,6 +461,42 @@ def test_training_cli_runs_under_torchrun_with_two_ranks(data, tmp_path):
     assert math.isfinite(ckpt["best_valid_ce"])
 
 
+def test_compiled_model_under_ddp_trains_like_eager_ddp(data, tmp_path):
+    """``compile = true`` under torchrun (DDP around the compiled model, as configs/default.toml
+    runs on several GPUs; gloo on CPU here): two ranks train the eager run's parameters."""
+    torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    states = {}
+    for compile_ in (False, True):
+        cfg = tiny_train_config(
+            tmp_path / f"c{compile_}.toml", compile=compile_, checkpoint_every=1
+        )
+        out = tmp_path / f"run{compile_}"
+        cmd = [torchrun, "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
+        cmd += ["-m", "training.train", "--config", str(cfg), "--data", str(data)]
+        cmd += ["--out", str(out), "--steps", "2", "--no-progress"]
+        done = run_process_group(cmd, timeout=600, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "process group: gloo, 2 rank(s)" in done.stderr
+        states[compile_] = {
+            k: ckpt_io.load(ckpt_io.checkpoint_path(out, k))["model"] for k in (1, 2)
+        }
+    assert "train.compile: the first step compiles" in done.stderr
+
+    def close(a: dict, b: dict) -> bool:
+        return all(
+            torch.allclose(v, b[k], atol=1e-5, rtol=1e-4)
+            if v.is_floating_point()
+            else torch.equal(v, b[k])
+            for k, v in a.items()
+        )
+
+    assert close(states[False][1], states[True][1]) and close(states[False][2], states[True][2])
+    # Negative control: the comparison tells one step from two.
+    assert not close(states[False][1], states[False][2])
+
+
 def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
     """The mixed-precision path of the trainer (bf16 autocast; CUDA in runs, the same code on
     CPU here, and on CUDA in tests/test_cuda.py): the quantiser's distances, codes and

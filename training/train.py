@@ -194,10 +194,11 @@ class Trainer:
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
             self.forward_model = torch.compile(self.model)
-            if self.device.type == "cuda":
+            log("train.compile: the first step compiles the model (about a minute on an H100)")
+            if cfg.deterministic:
                 log(
-                    "note: train.compile was 20x slower than eager on an H100 at the default "
-                    "config (README, 'Trainer throughput'); compare before a long run"
+                    "note: bit-for-bit resume is tested with train.compile off; compiled "
+                    "kernels may differ between processes"
                 )
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -467,9 +468,10 @@ class Trainer:
 
 def set_deterministic(enabled: bool) -> None:
     """Bit-reproducible kernels for the rest of the process (``train.deterministic``), or back
-    to PyTorch's defaults. On CUDA the quantiser's ``index_add_`` and the gathers' backward add
-    with atomics, and cuDNN may pick another algorithm per run, so the last bits of a step
-    change from run to run and a resumed run drifts from the straight one; CPU kernels are
+    to PyTorch's defaults. On CUDA the quantiser's ``index_add_`` and the slot routing's gather
+    backward add with atomics, and cuDNN may pick another algorithm per run, so the last bits
+    of a step change from run to run and a resumed run drifts from the straight one (the
+    decoder's conditioning gather has its own deterministic backward); CPU kernels are
     reproducible already."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
