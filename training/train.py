@@ -195,11 +195,6 @@ class Trainer:
         if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
             self.forward_model = torch.compile(self.model)
             log("train.compile: the first step compiles the model (about a minute on an H100)")
-            if cfg.deterministic:
-                log(
-                    "note: bit-for-bit resume is tested with train.compile off; compiled "
-                    "kernels may differ between processes"
-                )
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Buffers are kept equal by the EMA reduce and rank 0's restarts; DDP's per-forward
