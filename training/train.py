@@ -194,7 +194,7 @@ class Trainer:
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
             self.forward_model = torch.compile(self.model)
-            log("train.compile: the first step compiles the model (about a minute on an H100)")
+            log("train.compile: the first step compiles the model (60-90 s at the default config)")
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Buffers are kept equal by the EMA reduce and rank 0's restarts; DDP's per-forward
