@@ -41,7 +41,8 @@ from training.config import load_train_config
 from training.train import Trainer, set_deterministic
 
 # variant: (amp, compile, deterministic); a "-scatter" suffix swaps the decoder's
-# segment-sum gather backward for PyTorch's own (scatter_add), its path before 7e55276.
+# segment-sum gather backward for PyTorch's own (scatter_add): its CUDA path before 7e55276
+# (CPU used a per-row segment_reduce), except that the index check still runs.
 BASE_VARIANTS = {
     "fp32": (False, False, False),
     "bf16": (True, False, False),

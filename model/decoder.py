@@ -3,7 +3,8 @@
 Conditioning is projected for every layer at once at the slot rate (50 Hz) and gathered per
 sample, 320x cheaper than projecting an upsampled full-rate tensor; the gather is the
 upsampling-by-repetition of DESIGN.md (its backward sums runs of equal indices with
-``segment_reduce``, several times faster than the gather's own ``scatter_add``). The last
+``segment_reduce``: faster than the gather's own ``scatter_add`` on CUDA and on 2 CPU cores,
+deterministic, and without Inductor's slow kernels for it; README, "Benchmarks"). The last
 layer has no residual projection (its output would be unused, and every parameter must receive
 gradient for DDP).
 """
@@ -40,6 +41,8 @@ def segment_sum(grad: torch.Tensor, index: torch.Tensor, n_cols: int) -> torch.T
 
 
 def _check_non_decreasing(index: torch.Tensor) -> None:
+    """ValueError on CPU; elsewhere, and under torch.compile, an asynchronous assert (a
+    RuntimeError, on CUDA at a later synchronisation, which ends the process's CUDA use)."""
     ok = (index[:, 1:] >= index[:, :-1]).all()
     message = "cond_index must be non-decreasing along time in every row"
     if index.device.type == "cpu" and not torch.compiler.is_compiling():

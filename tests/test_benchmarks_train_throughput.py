@@ -73,3 +73,27 @@ def test_a_variant_that_fails_mid_run_still_switches_determinism_back(
     assert main([*argv, "--skip", "1", "--variants", "bf16-deterministic"]) == 1
     assert "error: bf16-deterministic: RuntimeError: step failed" in capsys.readouterr().err
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_scatter_variants_swap_the_decoders_gather_backward(data, capsys, monkeypatch):
+    """``fp32-scatter`` runs PyTorch's own gather backward (no segment sum), ``fp32`` the
+    decoder's segment sum; the swap is undone afterwards, and the losses agree."""
+    from model import decoder
+
+    calls = []
+    real = decoder.segment_sum
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "segment_sum", counting)
+    argv = ["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2"]
+    argv += ["--skip", "1", "--windows", "2", "--variants"]
+    assert main([*argv, "fp32-scatter"]) == 0
+    assert calls == [] and decoder.repeat_by_index is not decoder.gather
+    assert main([*argv, "fp32"]) == 0
+    assert len(calls) > 0
+    scatter, segment = _rows(capsys.readouterr().out)
+    assert scatter["variant"] == "fp32-scatter" and segment["variant"] == "fp32"
+    assert scatter["loss_first"] == pytest.approx(segment["loss_first"], rel=1e-6)
