@@ -129,7 +129,7 @@ class Autoencoder(nn.Module):
         t = win.t0[:, None] + torch.arange(n, device=wave.device)  # [B, N]
         lo, hi = geo.slot_range(t)
         k0 = lo[:, :1]
-        n_slots = int((hi[:, -1:] - k0).max()) + 1
+        n_slots = geo.slots_spanned(n)  # static: at least every row's hi(t0 + n - 1) - k0 + 1
         slots = k0 + torch.arange(n_slots, device=wave.device)  # absolute slots [B, n_slots]
         frames = self.route(slots, win)
         local = (frames - win.frame0[:, None]).clamp(0, n_local - 1)
@@ -146,7 +146,7 @@ class Autoencoder(nn.Module):
         classes = mulaw.encode(samples, q_ch)
         logits = self.decoder(classes, cond, cond_index)
         mask = torch.arange(n, device=wave.device)[None] < win.n_valid[:, None]
-        return AutoencoderOutput(
+        out = AutoencoderOutput(
             logits=logits,
             targets=mulaw.encode(
                 wave.gather(1, (t - win.start[:, None]).clamp(0, wave.shape[1] - 1)),
@@ -158,6 +158,8 @@ class Autoencoder(nn.Module):
             slot_lo=(lo - k0).clamp(0, n_slots - 1),
             slot_hi=(hi - k0).clamp(0, n_slots - 1),
         )
+        self.quantizer.watch(q, z)  # last: it is a graph break under torch.compile
+        return out
 
     def route(self, slots: torch.Tensor, win: Windows) -> torch.Tensor:
         """Frame ``pi(k)`` carried by each absolute slot ``[B, n_slots]``: jittered in
@@ -166,15 +168,24 @@ class Autoencoder(nn.Module):
         return slot_frames(slots, win.n_frames, p=p, seed=win.seed, epoch=win.epoch, utt=win.utt)
 
     def _check_length(self, wave: torch.Tensor, win: Windows) -> None:
+        """ValueError on CPU when a row is shorter than its predictions need; elsewhere, and
+        under torch.compile, an asynchronous assert (a host check would stall CUDA's launch
+        queue and break the compiled graph)."""
         geo = self.geometry
         last = win.t0 + win.n_valid - 1
         _, hi = geo.slot_range(last)
         f1 = torch.minimum(hi + 1, win.n_frames - 1)
-        need = torch.maximum(f1 * geo.hop + geo.encoder_rf, last + 1) - win.start
-        need = int(need.max())
-        if wave.shape[-1] < need or wave.shape[-1] < geo.encoder_rf:
-            raise ValueError(
-                f"window of {wave.shape[-1]} samples is shorter than the {need} samples its "
-                f"predictions need; the receptive field needs at least "
-                f"{geo.min_window_samples(1)} samples for one prediction"
+        need = (torch.maximum(f1 * geo.hop + geo.encoder_rf, last + 1) - win.start).max()
+        have = wave.shape[-1]
+        if wave.device.type == "cpu" and not torch.compiler.is_compiling():
+            if have < need or have < geo.encoder_rf:
+                raise ValueError(
+                    f"window of {have} samples is shorter than the {int(need)} samples its "
+                    f"predictions need; the receptive field needs at least "
+                    f"{geo.min_window_samples(1)} samples for one prediction"
+                )
+        else:
+            torch._assert_async(
+                (need <= have) & (have >= geo.encoder_rf),
+                "a window is shorter than its predictions need",
             )

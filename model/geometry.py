@@ -158,6 +158,10 @@ class CodecGeometry:
                 raise ValueError("WaveNet layers must be causal, stride 1, and read their own time")
         self._verify()
         self.pad_left = self._first_valid_prediction()
+        t0 = np.arange(self.hop, dtype=np.int64)
+        lo, _ = self.slot_range(t0)
+        _, hi = self.slot_range(t0[:, None] + t0[None, :])  # [phase t0, r]
+        self._slots_table = tuple(int(v) for v in (hi - lo[:, None]).max(0) + 1)
 
     # --- per-prediction queries (vectorised over t) ------------------------------------------
 
@@ -258,6 +262,17 @@ class CodecGeometry:
             need = (int(hi) - int(lo)) * self.hop + self.encoder_rf
             best = need if best is None else min(best, need)
         return best
+
+    def slots_spanned(self, n_predictions: int) -> int:
+        """Most slots ``hi(t0 + n - 1) - lo(t0) + 1`` any window of ``n_predictions`` reaches,
+        over all phases ``t0``: a static slot count for the training forward, so that a
+        compiled graph has no shape that depends on data (``tests/test_geometry.py`` checks it
+        against enumeration). Slot ranges repeat with period ``hop`` (one slot later per hop),
+        so the count depends on ``(n - 1) // hop`` and a table over ``(n - 1) % hop``."""
+        if n_predictions < 1:
+            raise ValueError(f"a window needs at least one prediction, got {n_predictions}")
+        q, r = divmod(n_predictions - 1, self.hop)
+        return q + self._slots_table[r]
 
     # --- proofs -------------------------------------------------------------------------------
 

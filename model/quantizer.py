@@ -1,9 +1,9 @@
 """Vector quantiser with a straight-through estimator and a usage-weighted EMA codebook.
 
 The per-frame commitment distance ``d[j]`` is returned to the loss, which counts each frame as
-often as predictions use it. With the EMA codebook, a gradient hook on ``d`` reads the exact
-usage weights ``dL/dd[j] / beta`` during backward (they sum to 1 per optimiser step) and adds
-them to the EMA statistics; `ema_update` applies them once per step. So the statistics are
+often as predictions use it. With the EMA codebook, a gradient hook on ``d`` (`watch`) reads
+the exact usage weights ``dL/dd[j] / beta`` during backward (they sum to 1 per optimiser step)
+and adds them to the EMA statistics; `ema_update` applies them once per step. So the statistics are
 invariant to how predictions are batched, and masked frames (weight 0) never count.
 """
 
@@ -58,7 +58,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("perplexity", torch.zeros(()))
         self.register_buffer("codes_used", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._candidates: torch.Tensor | None = None
+        # This step's encoder outputs and usage weights; vectors with weight > 0 are the
+        # restart candidates (selected in `ema_update`, outside any compiled graph).
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(-1) if self.cfg.commitment_reduction == "mean" else x.sum(-1)
@@ -80,20 +82,29 @@ class VectorQuantizer(nn.Module):
             quantized = z + (e - z).detach()
             commitment = self._reduce((z - e.detach()) ** 2)
             codebook = None if self.ema else self._reduce((z.detach() - e) ** 2)
-            if self.ema and self.training and commitment.requires_grad:
-                self._watch(commitment, z.detach(), codes)
         return QuantizerOutput(quantized, codes, commitment, codebook)
 
-    def _watch(self, d: torch.Tensor, z: torch.Tensor, codes: torch.Tensor) -> None:
+    # Eager: under torch.compile (torch 2.11) the hook becomes part of the compiled backward,
+    # which may not set this module's attributes, and filling a tensor made in the forward
+    # instead builds a graph that Inductor rejects (a buffer used before its placeholder).
+    # The caller watches last, so the graph break ends the compiled forward.
+    @torch.compiler.disable
+    def watch(self, out: QuantizerOutput, z: torch.Tensor) -> None:
+        """Collect this step's EMA usage statistics from the backward of ``out.commitment``
+        (``z``: the encoder outputs ``out`` came from). Training calls it after every forward;
+        it does nothing without an EMA codebook, outside training or without gradients."""
+        d = out.commitment
+        if not (self.ema and self.training and d.requires_grad):
+            return
         beta = self.cfg.beta
+        flat_z = z.detach().reshape(-1, z.shape[-1]).to(d.dtype)
+        flat_codes = out.codes.reshape(-1)
 
         def hook(grad: torch.Tensor) -> None:
             w = (grad / beta).reshape(-1).to(self.step_count.dtype)
-            flat_codes = codes.reshape(-1)
             self.step_count.index_add_(0, flat_codes, w)
-            self.step_sum.index_add_(0, flat_codes, w[:, None] * z.reshape(-1, z.shape[-1]))
-            used = w > 0
-            self._candidates = z.reshape(-1, z.shape[-1])[used]
+            self.step_sum.index_add_(0, flat_codes, w[:, None] * flat_z)
+            self._pool = (flat_z, w)
 
         d.register_hook(hook)
 
@@ -128,6 +139,13 @@ class VectorQuantizer(nn.Module):
         self._track_usage(count)
         self._restart_dead(generator, broadcast)
 
+    def discard_step(self) -> None:
+        """Drop this step's usage statistics (the trainer skips a non-finite step)."""
+        if self.ema:
+            self.step_count.zero_()
+            self.step_sum.zero_()
+        self._pool = None
+
     def _track_usage(self, count: torch.Tensor) -> None:
         p = count / count.sum().clamp_min(1e-12)
         self.perplexity.copy_(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
@@ -140,8 +158,11 @@ class VectorQuantizer(nn.Module):
         every rank draws the same amount from its generator and receives rank 0's vectors (or
         rank 0's decision to skip when it saw no candidates)."""
         dead = self.ema_count < self.cfg.dead_code_threshold
-        cand = self._candidates
-        self._candidates = None
+        cand = None
+        if self._pool is not None:
+            z, w = self._pool
+            cand = z[w > 0]
+        self._pool = None
         n_dead = int(dead.sum())
         if n_dead == 0:
             return

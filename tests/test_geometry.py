@@ -505,3 +505,17 @@ def test_windows_reproduce_the_whole_utterance_logits_and_codes():
     rows = [batched.logits[b, :, : spec.n] for b, spec in enumerate(specs)]
     assert (torch.cat(rows, 1) - whole).abs().max().item() <= 1e-12
     assert whole.abs().max().item() > 1e-3  # non-trivial logits
+
+
+@pytest.mark.parametrize("config", ["tiny", "default"])
+def test_slots_spanned_is_the_most_slots_any_window_reaches(config):
+    """The training forward's static slot count: the max over every phase of a window's
+    ``hi(t0 + n - 1) - lo(t0) + 1``, by enumeration."""
+    geo = Autoencoder(load_model_config(config)).geometry
+    for n in (1, 2, geo.hop - 1, geo.hop, geo.hop + 1, 1000, 4000):
+        t0 = np.arange(geo.pad_left, geo.pad_left + 2 * geo.hop)
+        lo, _ = geo.slot_range(t0)
+        _, hi = geo.slot_range(t0 + n - 1)
+        assert geo.slots_spanned(n) == int((hi - lo).max()) + 1, n
+    with pytest.raises(ValueError, match="at least one prediction"):
+        geo.slots_spanned(0)

@@ -401,10 +401,7 @@ class Trainer:
             self.bad_in_a_row = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            if q.ema:  # this step's usage statistics are dropped with it
-                q.step_count.zero_()
-                q.step_sum.zero_()
-                q._candidates = None
+            q.discard_step()  # this step's usage statistics are dropped with it
             self.bad_in_a_row += 1
             log(
                 f"step {self.step + 1}: non-finite loss {loss} or gradient norm {grad_norm}: "

@@ -1,0 +1,81 @@
+"""The training forward under torch.compile: one graph, and the eager function.
+
+A graph break costs a launch-bound GPU step (README, "Trainer throughput"): the forward used to
+compile to 11 graphs, split by host reads of data-dependent sizes, the jitter hash kept eager
+and the quantiser's usage hook. Now one graph ends at the hook's registration (`watch`).
+"""
+
+import pytest
+import torch
+
+from model.config import load_model_config
+from model.jitter import uniform_hash
+from training.invariance import prepare, synth_utterance
+from training.loss import batch_loss
+from training.windows import Utterance, WindowSpec, make_batch
+
+
+def _batch(model):
+    geo = model.geometry
+    utts = [
+        Utterance.prepare(synth_utterance(n, seed=n), geo, utt=5 + i, speaker=i)
+        for i, n in enumerate((400, 150, 260))
+    ]
+    specs = [WindowSpec(0, utts[0].first + 37, 90), WindowSpec(1, utts[1].first + 9, 90)]
+    specs.append(WindowSpec(2, utts[2].first, 61))
+    return make_batch(geo, utts, specs, seed=7, epoch=2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = prepare(load_model_config("tiny"), width=8, jitter=0.5)
+    return model, *_batch(model)
+
+
+def test_training_forward_is_one_graph(setup):
+    model, wave, win, n = setup
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model)(wave, win, n)
+    stops = [(r.reason.splitlines()[0], r.user_stack[-1].line) for r in ex.break_reasons]
+    assert ex.graph_count == 1, stops
+    # The only stop is the quantiser's eager `watch`, the forward's last call.
+    assert all("self.quantizer.watch" in line for _, line in stops), stops
+
+
+def test_compiled_step_equals_the_eager_step(setup):
+    """Logits, loss, every gradient and the codebook's usage statistics (float64)."""
+    model, wave, win, n = setup
+    results = []
+    torch._dynamo.reset()
+    for forward in (model, torch.compile(model)):
+        model.zero_grad(set_to_none=True)
+        model.quantizer.step_count.zero_()
+        model.quantizer.step_sum.zero_()
+        out = forward(wave, win, n)
+        loss = batch_loss(out, model.cfg.quantizer.beta, int(out.mask.sum())).loss
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        stats = (model.quantizer.step_count.clone(), model.quantizer.step_sum.clone())
+        results.append((out.logits.detach(), loss.detach(), grads, stats))
+    (logits, loss, grads, stats), (c_logits, c_loss, c_grads, c_stats) = results
+    assert torch.allclose(c_logits, logits, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(c_loss, loss, rtol=1e-12)
+    assert grads.keys() == c_grads.keys() and len(grads) == len(list(model.parameters()))
+    for k in grads:
+        assert torch.allclose(c_grads[k], grads[k], rtol=1e-9, atol=1e-12), k
+    assert float(stats[0].sum()) == pytest.approx(1.0, rel=1e-12)  # the hook ran
+    assert torch.allclose(c_stats[0], stats[0], rtol=1e-12) and torch.allclose(c_stats[1], stats[1])
+
+
+def test_jitter_hash_compiles_with_symbolic_seed_and_epoch():
+    """Under ``dynamic=True`` the seed and epoch are symbolic integers; Inductor (torch 2.11,
+    CPU) typed them as float in C++ that did not build, when they entered the hash as Python
+    integers (checked 2026-11-26: CppCompileError)."""
+    k = torch.arange(-3, 500)[None]
+    utt = torch.arange(4)[:, None]
+    torch._dynamo.reset()
+    compiled = torch.compile(uniform_hash, dynamic=True)
+    draws = [compiled(11, epoch, utt, k) for epoch in (1, 2, 3)]
+    for epoch, u in zip((1, 2, 3), draws):
+        assert torch.equal(u, uniform_hash(11, epoch, utt, k)), epoch
+    assert not torch.equal(draws[0], draws[1])  # the epoch reaches the draw
