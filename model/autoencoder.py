@@ -34,7 +34,8 @@ class Windows:
         n_valid: valid predictions from ``t0`` (the rest of the N columns are padding).
         utt: utterance ids (jitter is a hash of them).
         speaker: speaker ids.
-        seed, epoch: the jitter draw.
+        seed, epoch: the jitter draw, stored as 0-d int64 tensors: a Python int would be a
+            constant of a compiled graph, which torch.compile recompiles when the epoch changes.
     """
 
     start: torch.Tensor
@@ -44,8 +45,12 @@ class Windows:
     n_valid: torch.Tensor
     utt: torch.Tensor
     speaker: torch.Tensor
-    seed: int = 0
-    epoch: int = 0
+    seed: int | torch.Tensor = 0
+    epoch: int | torch.Tensor = 0
+
+    def __post_init__(self):
+        self.seed = torch.as_tensor(self.seed, dtype=torch.int64)
+        self.epoch = torch.as_tensor(self.epoch, dtype=torch.int64)
 
     def to(self, device) -> Windows:
         fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
@@ -168,9 +173,10 @@ class Autoencoder(nn.Module):
         return slot_frames(slots, win.n_frames, p=p, seed=win.seed, epoch=win.epoch, utt=win.utt)
 
     def _check_length(self, wave: torch.Tensor, win: Windows) -> None:
-        """ValueError on CPU when a row is shorter than its predictions need; elsewhere, and
-        under torch.compile, an asynchronous assert (a host check would stall CUDA's launch
-        queue and break the compiled graph)."""
+        """ValueError on CPU when a row is shorter than its predictions need. On CUDA, and
+        under torch.compile, an asynchronous assert instead (a host check would stall CUDA's
+        launch queue and break the compiled graph): a RuntimeError, on CUDA at a later
+        synchronisation ("device-side assert triggered"), which ends the process's CUDA use."""
         geo = self.geometry
         last = win.t0 + win.n_valid - 1
         _, hi = geo.slot_range(last)

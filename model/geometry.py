@@ -159,7 +159,10 @@ class CodecGeometry:
         self._verify()
         self.pad_left = self._first_valid_prediction()
         t0 = np.arange(self.hop, dtype=np.int64)
-        lo, _ = self.slot_range(t0)
+        lo, hi = self.slot_range(t0)
+        lo_next, hi_next = self.slot_range(t0 + self.hop)
+        if not (np.array_equal(lo_next, lo + 1) and np.array_equal(hi_next, hi + 1)):
+            raise ValueError("slot ranges must move by one slot per hop (see slots_spanned)")
         _, hi = self.slot_range(t0[:, None] + t0[None, :])  # [phase t0, r]
         self._slots_table = tuple(int(v) for v in (hi - lo[:, None]).max(0) + 1)
 

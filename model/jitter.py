@@ -23,16 +23,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_hash(seed: int, epoch: int, utt: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def uniform_hash(seed, epoch, utt: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Uniform floats in [0, 1), one per element of the broadcast of ``utt`` and ``k``.
 
-    ``seed`` and ``epoch`` enter as int64 tensors filled on the device (no host copy): under
-    torch.compile they are symbolic integers, which Inductor (torch 2.11, CPU) types as float
-    in C++ that does not build when they enter as Python integers."""
+    ``seed`` and ``epoch`` (ints in [0, 2**63) or 0-d int64 tensors, as `Windows` holds them)
+    enter as int64 tensors: as Python integers made symbolic by torch.compile, Inductor
+    (torch 2.11, CPU) typed them as float in C++ that did not build."""
     h = _mix32(torch.as_tensor(k, dtype=torch.int64) + 0x9E3779B9)
     h = _mix32(h ^ _mix32(torch.as_tensor(utt, dtype=torch.int64) + 0x7F4A7C15))
-    epoch_ = torch.full((), epoch, dtype=torch.int64, device=h.device)
-    seed_ = torch.full((), seed, dtype=torch.int64, device=h.device)
+    epoch_ = torch.as_tensor(epoch, dtype=torch.int64, device=h.device)
+    seed_ = torch.as_tensor(seed, dtype=torch.int64, device=h.device)
     h = _mix32(h ^ ((epoch_ * 0x2545F491 + 0x68E31DA4) & _MASK))
     h = _mix32(h ^ ((seed_ * 0x27D4EB2F + 0x165667B1) & _MASK))
     return h.double() / 2.0**32

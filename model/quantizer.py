@@ -58,8 +58,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("perplexity", torch.zeros(()))
         self.register_buffer("codes_used", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        # This step's encoder outputs and usage weights; vectors with weight > 0 are the
-        # restart candidates (selected in `ema_update`, outside any compiled graph).
+        # The last backward's encoder outputs and usage weights (the last micro-batch's, with
+        # gradient accumulation); vectors with weight > 0 are the restart candidates (selected
+        # in `ema_update`, outside any compiled graph).
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:

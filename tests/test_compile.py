@@ -1,9 +1,12 @@
 """The training forward under torch.compile: one graph, and the eager function.
 
 A graph break costs a launch-bound GPU step (README, "Trainer throughput"): the forward used to
-compile to 11 graphs, split by host reads of data-dependent sizes, the jitter hash kept eager
-and the quantiser's usage hook. Now one graph ends at the hook's registration (`watch`).
+compile to 10 graphs, split by host reads of data-dependent sizes, the jitter hash kept eager
+and the quantiser's usage hook. Now one graph ends at the hook's registration (`watch`), and a
+new epoch does not recompile it.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -64,7 +67,47 @@ def test_compiled_step_equals_the_eager_step(setup):
     for k in grads:
         assert torch.allclose(c_grads[k], grads[k], rtol=1e-9, atol=1e-12), k
     assert float(stats[0].sum()) == pytest.approx(1.0, rel=1e-12)  # the hook ran
-    assert torch.allclose(c_stats[0], stats[0], rtol=1e-12) and torch.allclose(c_stats[1], stats[1])
+    assert torch.allclose(c_stats[0], stats[0], rtol=1e-12, atol=0)
+    assert torch.allclose(c_stats[1], stats[1], rtol=1e-12, atol=1e-15)
+
+
+def test_a_new_epoch_or_seed_does_not_recompile(setup):
+    """Windows carry seed and epoch as tensors: as Python ints they were constants of the
+    graph, and the first epoch change recompiled the whole forward (about a minute)."""
+    model, wave, win, n = setup
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    forward = torch.compile(model, backend=count)
+    logits = []
+    for seed, epoch in ((7, 2), (7, 3), (8, 3)):
+        w = dataclasses.replace(win, seed=seed, epoch=epoch)
+        logits.append(forward(wave, w, n).logits)
+        assert torch.equal(logits[-1], model(wave, w, n).logits), (seed, epoch)
+    assert len(graphs) == 1
+    assert not torch.equal(logits[0], logits[1])  # the epoch reaches the jitter
+
+
+def test_short_window_fails_under_compile_too(setup):
+    """Compiled, the length check is an asynchronous assert: a RuntimeError on CPU."""
+    model, wave, win, n = setup
+    torch._dynamo.reset()
+    forward = torch.compile(model, backend="eager")
+    with pytest.raises(RuntimeError, match="shorter than its predictions need"):
+        forward(wave[:, : -model.geometry.hop], win, n)
+
+
+def test_jitter_hash_keeps_its_values():
+    """Golden values of the hash as it was with Python-int seed and epoch (2026-11-26): the
+    int64 tensors must not change a draw."""
+    u = uniform_hash(123456789, 41, torch.tensor([[0], [7]]), torch.tensor([[-2, 0, 5, 100000]]))
+    want = [[1971814321, 3166228598, 3443665199, 2872643233]]
+    want.append([3068352686, 3168569708, 1383032815, 629052900])
+    assert (u * 2**32).long().tolist() == want
 
 
 def test_jitter_hash_compiles_with_symbolic_seed_and_epoch():

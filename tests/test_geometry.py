@@ -507,7 +507,7 @@ def test_windows_reproduce_the_whole_utterance_logits_and_codes():
     assert whole.abs().max().item() > 1e-3  # non-trivial logits
 
 
-@pytest.mark.parametrize("config", ["tiny", "default"])
+@pytest.mark.parametrize("config", ["tiny", "small", "default"])
 def test_slots_spanned_is_the_most_slots_any_window_reaches(config):
     """The training forward's static slot count: the max over every phase of a window's
     ``hi(t0 + n - 1) - lo(t0) + 1``, by enumeration."""

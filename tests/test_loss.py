@@ -92,6 +92,7 @@ def test_ema_update_moves_codes_to_usage_weighted_means(batch):
     q.step_sum.zero_()
     before = q.codebook.clone()
     out = model(wave, win, n)
+    out.quantizer.commitment.retain_grad()
     batch_loss(out, model.cfg.quantizer.beta).loss.backward()
     counts, sums = q.step_count.clone(), q.step_sum.clone()
     ema_count, ema_sum = q.ema_count.clone(), q.ema_sum.clone()
@@ -102,10 +103,12 @@ def test_ema_update_moves_codes_to_usage_weighted_means(batch):
     assert alive.any() and (~alive).any(), "this batch must exercise both paths"
     assert torch.allclose(q.ema_count[alive], want_count[alive])
     assert torch.allclose(q.ema_sum[alive], (decay * ema_sum + (1 - decay) * sums)[alive])
-    # Dead codes restart on encoder outputs of frames that predictions used.
+    # Dead codes restart on encoder outputs of frames that predictions used (weight > 0).
     z = model.encoder(model.features(wave)).transpose(1, 2).reshape(-1, q.cfg.dim).detach()
+    used = out.quantizer.commitment.grad.reshape(-1) > 0
+    assert used.any() and (~used).any(), "this batch must hold frames no prediction uses"
     for row in q.codebook[~alive]:
-        assert torch.isclose(z, row[None]).all(1).any()
+        assert torch.isclose(z[used], row[None]).all(1).any()
     assert torch.allclose(q.ema_count[~alive], torch.full_like(q.ema_count[~alive], floor))
     assert not torch.equal(q.codebook, before)
     assert q.step_count.abs().sum() == 0, "step statistics are reset after the update"

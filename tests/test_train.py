@@ -568,3 +568,11 @@ def test_compiled_training_steps_equal_eager_ones(data, tmp_path, monkeypatch):
             assert torch.allclose(value, compiled[name], atol=1e-5, rtol=1e-4), name
         else:
             assert torch.equal(value, compiled[name]), name
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_seed_outside_int64_is_rejected(seed):
+    """The jitter hash reads the seed as an int64 tensor (`Windows`)."""
+    with pytest.raises(ValueError, match=r"train.seed must lie in \[0, 2\*\*63\)"):
+        TrainConfig(seed=seed).validate()
+    assert TrainConfig(seed=2**63 - 1).validate().seed == 2**63 - 1

@@ -56,6 +56,8 @@ class TrainConfig:
         for name in ("valid_every", "checkpoint_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        if not 0 <= self.seed < 2**63:  # the jitter hash reads it as an int64 tensor
+            raise ValueError("train.seed must lie in [0, 2**63)")
         if self.warmup_steps < 0 or self.valid_windows < 0 or self.kmeans_windows < 0:
             raise ValueError("train.warmup_steps, valid_windows, kmeans_windows must be >= 0")
         return self
