@@ -58,10 +58,11 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("perplexity", torch.zeros(()))
         self.register_buffer("codes_used", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        # The last backward's encoder outputs and usage weights (the last micro-batch's, with
-        # gradient accumulation); vectors with weight > 0 are the restart candidates (selected
-        # in `ema_update`, outside any compiled graph).
-        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Encoder outputs and usage weights of every backward since the last update (each
+        # micro-batch's, with gradient accumulation); vectors with weight > 0 are the restart
+        # candidates, selected in `ema_update` outside any compiled graph and in batch order,
+        # so restarts do not depend on how a step's windows are split into micro-batches.
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(-1) if self.cfg.commitment_reduction == "mean" else x.sum(-1)
@@ -105,7 +106,7 @@ class VectorQuantizer(nn.Module):
             w = (grad / beta).reshape(-1).to(self.step_count.dtype)
             self.step_count.index_add_(0, flat_codes, w)
             self.step_sum.index_add_(0, flat_codes, w[:, None] * flat_z)
-            self._pool = (flat_z, w)
+            self._pool.append((flat_z, w))
 
         d.register_hook(hook)
 
@@ -145,7 +146,7 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self.step_count.zero_()
             self.step_sum.zero_()
-        self._pool = None
+        self._pool = []
 
     def _track_usage(self, count: torch.Tensor) -> None:
         p = count / count.sum().clamp_min(1e-12)
@@ -159,14 +160,11 @@ class VectorQuantizer(nn.Module):
         every rank draws the same amount from its generator and receives rank 0's vectors (or
         rank 0's decision to skip when it saw no candidates)."""
         dead = self.ema_count < self.cfg.dead_code_threshold
-        cand = None
-        if self._pool is not None:
-            z, w = self._pool
-            cand = z[w > 0]
-        self._pool = None
+        pool, self._pool = self._pool, []
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
+        cand = torch.cat([z[w > 0] for z, w in pool]) if pool else None
         u = torch.rand(n_dead, generator=generator, dtype=torch.float64)
         dim = self.codebook.shape[1]
         new = torch.zeros(n_dead, dim, dtype=self.codebook.dtype, device=self.codebook.device)

@@ -1,5 +1,7 @@
 """The commitment weights autograd gives each frame, against DESIGN.md's closed formula."""
 
+import copy
+
 import pytest
 import torch
 
@@ -121,3 +123,28 @@ def test_window_shorter_than_receptive_field_names_the_minimum(batch):
     need = model.geometry.min_window_samples(1)
     with pytest.raises(ValueError, match=str(need)):
         model(wave[:, : model.geometry.encoder_rf - 1], win, n)
+
+
+def test_restarts_do_not_depend_on_the_micro_batch_split(batch):
+    """Gradient accumulation: dead codes restart on the same encoder outputs whether a step's
+    windows come as one micro-batch or several (every micro-batch's used frames, in order)."""
+    model, utts, specs, *_ = batch
+    geo, beta = model.geometry, model.cfg.quantizer.beta
+    splits = {"whole": [specs], "split": [specs[:2], specs[2:]]}
+    codebooks = {}
+    for name, parts in splits.items():
+        m = copy.deepcopy(model)
+        q = m.quantizer
+        q.step_count.zero_()
+        q.step_sum.zero_()
+        q.ema_count.zero_()  # every code dies in this update: many restarts
+        q.ema_sum.zero_()
+        micro = [make_batch(geo, utts, p, seed=7, epoch=2) for p in parts]
+        count = sum(int(win.n_valid.sum()) for _, win, _ in micro)
+        for wave, win, n in micro:
+            batch_loss(m(wave, win, n), beta, count).loss.backward()
+        q.ema_update(generator=torch.Generator().manual_seed(0))
+        codebooks[name] = q.codebook.clone()
+    dead = codebooks["whole"] != model.quantizer.codebook
+    assert dead.all(1).sum() > 10
+    assert torch.allclose(codebooks["split"], codebooks["whole"], rtol=1e-12, atol=1e-14)
