@@ -163,8 +163,8 @@ class CodecGeometry:
         lo_next, hi_next = self.slot_range(t0 + self.hop)
         if not (np.array_equal(lo_next, lo + 1) and np.array_equal(hi_next, hi + 1)):
             raise ValueError("slot ranges must move by one slot per hop (see slots_spanned)")
-        _, hi = self.slot_range(t0[:, None] + t0[None, :])  # [phase t0, r]
-        self._slots_table = tuple(int(v) for v in (hi - lo[:, None]).max(0) + 1)
+        _, hi_r = self.slot_range(t0[:, None] + t0[None, :])  # hi(t0 + r): [phase t0, r]
+        self._slots_table = tuple(int(v) for v in (hi_r - lo[:, None]).max(0) + 1)
 
     # --- per-prediction queries (vectorised over t) ------------------------------------------
 

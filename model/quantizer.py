@@ -3,8 +3,9 @@
 The per-frame commitment distance ``d[j]`` is returned to the loss, which counts each frame as
 often as predictions use it. With the EMA codebook, a gradient hook on ``d`` (`watch`) reads
 the exact usage weights ``dL/dd[j] / beta`` during backward (they sum to 1 per optimiser step)
-and adds them to the EMA statistics; `ema_update` applies them once per step. So the statistics are
-invariant to how predictions are batched, and masked frames (weight 0) never count.
+and adds them to the EMA statistics; `ema_update` applies them once per step. So the
+statistics are invariant to how predictions are batched, and masked frames (weight 0) never
+count.
 """
 
 from __future__ import annotations

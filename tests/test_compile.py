@@ -11,28 +11,15 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import load_model_config
 from model.jitter import uniform_hash
-from training.invariance import prepare, synth_utterance
+from tests.test_loss import tiny_jittered_batch
 from training.loss import batch_loss
-from training.windows import Utterance, WindowSpec, make_batch
-
-
-def _batch(model):
-    geo = model.geometry
-    utts = [
-        Utterance.prepare(synth_utterance(n, seed=n), geo, utt=5 + i, speaker=i)
-        for i, n in enumerate((400, 150, 260))
-    ]
-    specs = [WindowSpec(0, utts[0].first + 37, 90), WindowSpec(1, utts[1].first + 9, 90)]
-    specs.append(WindowSpec(2, utts[2].first, 61))
-    return make_batch(geo, utts, specs, seed=7, epoch=2)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = prepare(load_model_config("tiny"), width=8, jitter=0.5)
-    return model, *_batch(model)
+    model, _, _, wave, win, n = tiny_jittered_batch()
+    return model, wave, win, n
 
 
 def test_training_forward_is_one_graph(setup):

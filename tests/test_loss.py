@@ -12,8 +12,9 @@ from training.loss import batch_loss
 from training.windows import Utterance, WindowSpec, make_batch
 
 
-@pytest.fixture(scope="module")
-def batch():
+def tiny_jittered_batch():
+    """A jittered tiny model and three windows of float64 speech-like test signals, one of
+    them shorter (padding); tests/test_compile.py uses it too."""
     model = prepare(load_model_config("tiny"), width=8, jitter=0.5)
     geo = model.geometry
     utts = [
@@ -24,6 +25,11 @@ def batch():
     specs.append(WindowSpec(2, utts[2].first, 61))
     wave, win, n = make_batch(geo, utts, specs, seed=7, epoch=2)
     return model, utts, specs, wave, win, n
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return tiny_jittered_batch()
 
 
 def closed_form_weights(model, win, n_pred, shape, count):
