@@ -314,3 +314,75 @@ def test_asterisk_reads_the_installed_english_prompts(tmp_path):
         assert r.id.startswith("en_US_f_Allison/")
         path = prep.ASTERISK_ROOT / (r.id + ".g722")
         assert r.length == 2 * path.stat().st_size
+
+
+def _fillets_tree(root: Path) -> dict[str, np.ndarray]:
+    """A Fish Fillets-like sound folder: LEVEL/nl/PREFIX-VOICE-WORD.ogg at 22.05 kHz."""
+    lines = {
+        "airplane/nl/let-m-divna.ogg": clip("activated"),
+        "airplane/nl/let-v-oko.ogg": clip("auth-incorrect"),
+        "bathroom/nl/koup-m-voda.ogg": clip("agent-newlocation")[:20000],
+        "bathroom/nl/koup-0-kohout.ogg": clip("activated"),  # a minor character: left out
+        "bathroom/cs/koup-m-voda.ogg": clip("activated"),  # another language: left out
+    }
+    for rel, x in lines.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, resample(x / 32768.0, 16000, 22050), 22050, format="OGG")
+    return lines
+
+
+def test_fillets_keeps_the_two_fish_resampled_to_16k(tmp_path):
+    lines = _fillets_tree(tmp_path / "sound")
+    out = tmp_path / "out"
+    argv = ("--corpus", "fillets", "--fillets-root", tmp_path / "sound", "--no-install")
+    assert run(*argv, "--out", out) == 0
+    ds = Dataset(out)
+    assert ds.speakers == ["BigFish", "SmallFish"]
+    got = {r.id: ds.speakers[r.speaker] for r in ds.records}
+    assert got == {
+        "fillets/airplane/nl/let-m-divna": "SmallFish",
+        "fillets/airplane/nl/let-v-oko": "BigFish",
+        "fillets/bathroom/nl/koup-m-voda": "SmallFish",
+    }
+    for r in ds.records:
+        src = lines[r.id.removeprefix("fillets/") + ".ogg"].astype(np.float64)
+        y = np.asarray(ds.audio[r.offset : r.offset + r.length], dtype=np.float64)
+        assert abs(len(y) - len(src)) <= 2  # 22.05 kHz back to 16 kHz
+        n = min(len(y), len(src))
+        assert np.corrcoef(src[:n], y[:n])[0, 1] > 0.95, r.id  # Vorbis is lossy
+
+
+def test_corpora_merge_and_a_held_out_voice_goes_to_its_own_dataset(tmp_path, capsys):
+    _fillets_tree(tmp_path / "sound")
+    sounds = tmp_path / "asterisk"
+    (sounds / "fr_CA_f_June").mkdir(parents=True)
+    (sounds / "fr_CA_f_June/bonjour.g722").write_bytes(G722(16000, 64000).encode(clip("activated")))
+    (sounds / "it_IT_m_Carlo").mkdir(parents=True)
+    (sounds / "it_IT_m_Carlo/ciao.g722").write_bytes(G722(16000, 64000).encode(clip("activated")))
+    out = tmp_path / "out"
+    argv = ["--corpus", "asterisk", "fillets", "--languages", "fr,it", "--no-install"]
+    argv += ["--sounds-root", sounds, "--fillets-root", tmp_path / "sound"]
+    assert run(*argv, "--hold-out", "SmallFish", "--out", out) == 0
+    assert "heldout" in capsys.readouterr().out  # the summary's column
+    ds, held = Dataset(out), Dataset(out / "heldout")
+    assert ds.speakers == ["BigFish", "Carlo", "June"]
+    assert held.speakers == ["SmallFish"]
+    assert sorted(r.id for r in held.records) == [
+        "fillets/airplane/nl/let-m-divna",
+        "fillets/bathroom/nl/koup-m-voda",
+    ]
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"]["corpus"] == "asterisk+fillets"
+    assert json.loads((out / "heldout/index.json").read_text())["source"]["held_out"] == [
+        "SmallFish"
+    ]
+    # The held-out voice is not in the training statistics: fewer frames than without it.
+    assert run(*argv, "--out", tmp_path / "all") == 0
+    assert not (tmp_path / "all/heldout").exists()
+    frames = [json.loads((d / "stats.json").read_text())["frames"] for d in (out, tmp_path / "all")]
+    assert Dataset(tmp_path / "all").speakers == ["BigFish", "Carlo", "June", "SmallFish"]
+    assert 0 < frames[0] < frames[1]
+    with pytest.raises(SystemExit):
+        run(*argv, "--hold-out", "Nobody", "--out", tmp_path / "none")
+    assert "no utterances of Nobody" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -1,15 +1,23 @@
 """Prepare a corpus for training: decode, mix to mono, resample, split, fix feature statistics.
 
+    python -m training.prepare --corpus asterisk fillets --hold-out June --out data/speech
     python -m training.prepare --corpus asterisk --out data/asterisk
     python -m training.prepare --corpus folder --root /data/LibriSpeech --out data/libri
 
 ``asterisk`` installs the Debian G.722 prompt packages (en, es, fr, it, ru) when missing and reads
 them from /usr/share/asterisk/sounds; the speaker is the voice of the folder (es_MX_f_Allison and
-en_US_f_Allison are one voice: 4 speakers in all). ``folder`` reads any tree of wav/flac files:
+en_US_f_Allison are one voice: 4 speakers in all). ``fillets`` installs the Debian package
+fillets-ng-data-nl (Dutch acted dialogue of the game Fish Fillets, 22.05 kHz Ogg Vorbis; licence
+in /usr/share/doc/fillets-ng-data-nl/copyright) and keeps its two main voices, the small fish
+(``m`` in the file names) and the big fish (``v``); the minor characters' lines are left out.
+Several corpora may be given at once. ``folder`` reads any tree of wav/flac files:
 LibriSpeech (SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac) and VCTK (wav48*/pXXX/*.wav|flac) layouts
 give the speaker from the path, anything else the parent folder's name.
 
 The output is the layout of `training.dataset` (16 kHz mono int16 audio, index.json, stats.json).
+``--hold-out NAME`` writes every utterance of that speaker to ``OUT/heldout`` instead, a dataset
+of the same layout that training never reads, so evaluation can report a voice the model never
+heard (`training.evaluate`).
 Bad files (unreadable, empty, NaN/Inf samples) are skipped and listed with their reason. The
 dataset is written into ``OUT.tmp-XXXX`` beside OUT and renamed into place only when complete.
 Feature statistics (mean/std over every feature frame of the train split) are computed with the
@@ -49,6 +57,11 @@ VOICE_FOLDER = re.compile(
     r"^(?P<lang>[a-z]{2})_(?P<region>[A-Z]{2})_(?P<gender>[fm])_(?P<name>\w+)$"
 )
 AUDIO_SUFFIXES = (".wav", ".flac")
+FILLETS_ROOT = Path("/usr/share/games/fillets-ng/sound")
+FILLETS_PACKAGE = "fillets-ng-data-nl"
+# File names are LEVELPREFIX-SPEAKER-WORD.ogg; the two fish speak most lines.
+FILLETS_VOICES = {"m": "SmallFish", "v": "BigFish"}
+HELDOUT = "heldout"
 LIBRISPEECH_STEM = re.compile(r"^(\d+)-(\d+)-\d+$")
 VCTK_SPEAKER = re.compile(r"^[ps]\d+$")
 
@@ -124,6 +137,23 @@ def asterisk_sources(sounds_root: Path, languages) -> list[Source]:
         for path in sorted(folder.rglob("*.g722")):
             rel = path.relative_to(sounds_root).with_suffix("").as_posix()
             sources.append(Source(path, rel, m["name"], rel, "g722"))
+    return sources
+
+
+# --- Fish Fillets (Dutch) ------------------------------------------------------------------
+
+
+def fillets_sources(sounds_root: Path, language: str = "nl") -> list[Source]:
+    """The two fish's lines of one language: ``LEVEL/LANG/PREFIX-VOICE-WORD.ogg``, voice ``m``
+    (the small fish) or ``v`` (the big fish); other characters' lines are not returned."""
+    sources = []
+    for path in sorted(sounds_root.glob(f"*/{language}/*.ogg")):
+        fields = path.stem.split("-")
+        voice = FILLETS_VOICES.get(fields[1]) if len(fields) >= 3 else None
+        if voice is None:
+            continue
+        rel = f"fillets/{path.relative_to(sounds_root).with_suffix('').as_posix()}"
+        sources.append(Source(path, rel, voice, rel, "soundfile"))
     return sources
 
 
@@ -301,10 +331,12 @@ def prepare(
     limit: int | None = None,
     source_info: dict | None = None,
     progress: bool = True,
+    hold_out: frozenset[str] = frozenset(),
 ) -> Summary:
     """Write the dataset of ``sources`` to ``out`` atomically; raises RuntimeError when no file
     was usable (nothing is written then) and FileExistsError when ``out`` exists without
-    ``force``."""
+    ``force``. Speakers in ``hold_out`` go to ``out/heldout`` (same layout, never trained on)
+    and do not count in the feature statistics."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")
@@ -324,6 +356,10 @@ def prepare(
     torch.set_num_threads(1)
     try:
         writer = DatasetWriter(tmp, sample_rate)
+        held = None
+        if hold_out:
+            (tmp / HELDOUT).mkdir()
+            held = DatasetWriter(tmp / HELDOUT, sample_rate)
         seen: dict[str, Path] = {}
         samples: dict = defaultdict(int)
         for src in tqdm(sources, desc="prepare", unit="file", disable=not progress):
@@ -340,6 +376,10 @@ def prepare(
                 continue
             seen[src.id] = src.path
             split = split_of(src.split_key)
+            if src.speaker in hold_out:
+                held.add(src.id, src.speaker, wave, split)
+                samples[(src.speaker, HELDOUT)] += len(wave)
+                continue
             writer.add(src.id, src.speaker, wave, split)
             stats.add(wave, split)
             samples[(src.speaker, split)] += len(wave)
@@ -349,7 +389,12 @@ def prepare(
                 f"no usable audio among {len(sources)} file(s)"
                 + (f" ({reasons})" if reasons else "")
             )
+        missing = sorted(hold_out - {spk for spk, split in samples if split == HELDOUT})
+        if missing:
+            raise RuntimeError(f"--hold-out: no utterances of {', '.join(missing)}")
         summary = Summary(dict(samples), list(writer.skipped), sample_rate, stats.result())
+        if held is not None:
+            held.close(summary.stats, dict(source_info or {}, held_out=sorted(hold_out)))
         writer.close(summary.stats, source_info)
         if out.exists():
             if not force:
@@ -373,12 +418,13 @@ def print_summary(summary: Summary, out: Path, file=None) -> None:
     minutes = {k: v / summary.sample_rate / 60 for k, v in summary.samples.items()}
     speakers = sorted({s for s, _ in minutes})
     print(f"wrote {out}", file=file)
+    columns = (*SPLITS, HELDOUT)
     print(
-        f"{'speaker':<20}" + "".join(f"{s:>10}" for s in (*SPLITS, "total")) + "  (minutes)",
+        f"{'speaker':<20}" + "".join(f"{s:>10}" for s in (*columns, "total")) + "  (minutes)",
         file=file,
     )
-    rows = [(spk, [minutes.get((spk, split), 0.0) for split in SPLITS]) for spk in speakers]
-    rows.append(("(all)", [sum(r[1][i] for r in rows) for i in range(len(SPLITS))]))
+    rows = [(spk, [minutes.get((spk, split), 0.0) for split in columns]) for spk in speakers]
+    rows.append(("(all)", [sum(r[1][i] for r in rows) for i in range(len(columns))]))
     for name, row in rows:
         print(f"{name:<20}" + "".join(f"{m:>10.2f}" for m in (*row, sum(row))), file=file)
     st = summary.stats
@@ -398,7 +444,13 @@ def get_parser() -> argparse.ArgumentParser:
         prog="python -m training.prepare",
         description="Prepare a speech corpus (16 kHz mono int16 + index + feature statistics).",
     )
-    p.add_argument("--corpus", choices=("asterisk", "folder"), required=True)
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        choices=("asterisk", "fillets", "folder"),
+        required=True,
+        help="one or more corpora, merged into one dataset",
+    )
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--root", help="folder corpus: the tree of wav/flac files")
     p.add_argument(
@@ -412,7 +464,19 @@ def get_parser() -> argparse.ArgumentParser:
         help="asterisk: where the voice folders are (default: %(default)s)",
     )
     p.add_argument(
-        "--no-install", action="store_true", help="asterisk: never run apt-get, use what is there"
+        "--fillets-root",
+        default=str(FILLETS_ROOT),
+        help="fillets: the game's sound folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-install",
+        action="store_true",
+        help="asterisk, fillets: never run apt-get, use what is there",
+    )
+    p.add_argument(
+        "--hold-out",
+        metavar="SPEAKERS",
+        help="comma-separated speakers written to OUT/heldout instead (never trained on)",
     )
     p.add_argument("--config", default="default", help="model config for the features and padding")
     p.add_argument(
@@ -433,6 +497,58 @@ def fatal(msg: str, code: int = 1):
     sys.exit(code)
 
 
+def _ensure_packages(packages: list[str], no_install: bool) -> None:
+    if no_install:
+        return
+    try:
+        missing = missing_packages(packages)
+        if missing:
+            install_packages(missing)
+    except (RuntimeError, PermissionError) as e:
+        fatal(str(e))
+
+
+def _folder_corpus(args) -> tuple[list[Source], dict]:
+    root = Path(args.root)
+    if not root.is_dir():
+        fatal(f"--root {root} is not a directory")
+    sources = folder_sources(root)
+    if not sources:
+        fatal(f"no {'/'.join(AUDIO_SUFFIXES)} files under {root}")
+    return sources, {"corpus": "folder", "root": str(root.resolve())}
+
+
+def _asterisk_corpus(args) -> tuple[list[Source], dict]:
+    languages = [x.strip() for x in args.languages.split(",") if x.strip()]
+    unknown = sorted(set(languages) - set(ASTERISK_LANGUAGES))
+    if not languages or unknown:
+        fatal(f"--languages: unknown {unknown} (known: {','.join(ASTERISK_LANGUAGES)})", 2)
+    sounds = Path(args.sounds_root)
+    _ensure_packages(asterisk_packages(languages), args.no_install)
+    if not sounds.is_dir():
+        fatal(f"{sounds} does not exist (install asterisk-core-sounds-*-g722)")
+    sources = asterisk_sources(sounds, languages)
+    if not sources:
+        fatal(f"no voice folders with .g722 files for {languages} under {sounds}")
+    return sources, {"corpus": "asterisk", "root": str(sounds), "languages": languages}
+
+
+def _fillets_corpus(args) -> tuple[list[Source], dict]:
+    sounds = Path(args.fillets_root)
+    _ensure_packages([FILLETS_PACKAGE], args.no_install)
+    sources = fillets_sources(sounds) if sounds.is_dir() else []
+    if not sources:
+        fatal(f"no Dutch Fish Fillets dialogue under {sounds} (install {FILLETS_PACKAGE})")
+    return sources, {"corpus": "fillets", "root": str(sounds), "languages": ["nl"]}
+
+
+CORPUS_SOURCES = {
+    "asterisk": _asterisk_corpus,
+    "fillets": _fillets_corpus,
+    "folder": _folder_corpus,
+}
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     out = Path(args.out)
@@ -444,35 +560,16 @@ def main(argv=None) -> int:
         resolve_path(args.config)
     except FileNotFoundError as e:
         fatal(str(e), 2)
-    if args.corpus == "folder":
-        if not args.root:
-            fatal("--corpus folder needs --root DIR", 2)
-        root = Path(args.root)
-        if not root.is_dir():
-            fatal(f"--root {root} is not a directory")
-        sources = folder_sources(root)
-        info = {"corpus": "folder", "root": str(root.resolve())}
-        if not sources:
-            fatal(f"no {'/'.join(AUDIO_SUFFIXES)} files under {root}")
-    else:
-        languages = [x.strip() for x in args.languages.split(",") if x.strip()]
-        unknown = sorted(set(languages) - set(ASTERISK_LANGUAGES))
-        if not languages or unknown:
-            fatal(f"--languages: unknown {unknown} (known: {','.join(ASTERISK_LANGUAGES)})", 2)
-        sounds = Path(args.sounds_root)
-        if not args.no_install:
-            try:
-                missing = missing_packages(asterisk_packages(languages))
-                if missing:
-                    install_packages(missing)
-            except (RuntimeError, PermissionError) as e:
-                fatal(str(e))
-        if not sounds.is_dir():
-            fatal(f"{sounds} does not exist (install asterisk-core-sounds-*-g722)")
-        sources = asterisk_sources(sounds, languages)
-        info = {"corpus": "asterisk", "root": str(sounds), "languages": languages}
-        if not sources:
-            fatal(f"no voice folders with .g722 files for {languages} under {sounds}")
+    corpora = list(dict.fromkeys(args.corpus))  # in order, once each
+    if "folder" in corpora and not args.root:
+        fatal("--corpus folder needs --root DIR", 2)
+    sources, infos = [], []
+    for corpus in corpora:
+        found, info = CORPUS_SOURCES[corpus](args)
+        sources += found
+        infos.append(info)
+    info = infos[0] if len(infos) == 1 else {"corpus": "+".join(corpora), "parts": infos}
+    hold_out = frozenset(x.strip() for x in (args.hold_out or "").split(",") if x.strip())
     try:
         summary = prepare(
             sources,
@@ -483,6 +580,7 @@ def main(argv=None) -> int:
             limit=args.limit,
             source_info=info,
             progress=not args.quiet,
+            hold_out=hold_out,
         )
     except (RuntimeError, FileExistsError) as e:
         fatal(str(e))
