@@ -576,3 +576,36 @@ def test_seed_outside_int64_is_rejected(seed):
     with pytest.raises(ValueError, match=r"train.seed must lie in \[0, 2\*\*63\)"):
         TrainConfig(seed=seed).validate()
     assert TrainConfig(seed=2**63 - 1).validate().seed == 2**63 - 1
+
+
+def test_amp_autocasts_to_bf16_on_cpu_too(data, tmp_path):
+    """``train.amp`` is bf16 autocast on the CPU as well as on CUDA (bf16 matrix products are
+    the fast path of CPUs with AMX or AVX-512 BF16); off, the step runs in fp32."""
+    for amp in (True, False):
+        cfg = tiny_train_config(tmp_path / f"amp{amp}.toml", amp=amp)
+        trainer = _trainer(cfg, data, tmp_path / f"run{amp}")
+        with trainer._autocast():
+            active = torch.is_autocast_enabled("cpu")
+            dtype = torch.get_autocast_dtype("cpu")
+        assert active == amp
+        if amp:
+            assert dtype == torch.bfloat16
+        metrics = trainer.train_step()
+        assert math.isfinite(metrics["loss/total"])
+
+
+def test_time_budgets_stop_with_a_checkpoint(data, tmp_path, capsys):
+    """``--cpu-minutes``/``--minutes`` end the run after the step that spends them, with a
+    checkpoint to resume from; a non-positive budget is a usage error."""
+    cfg = tiny_train_config(tmp_path / "t.toml", total_steps=10**6, checkpoint_every=10**6)
+    cfg = str(cfg)
+    out = tmp_path / "run"
+    argv = ["--config", cfg, "--data", str(data), "--out", str(out), "--no-progress"]
+    assert train_mod.main([*argv, "--cpu-minutes", "0.05"]) == 0
+    assert "time budget spent" in capsys.readouterr().err
+    steps = [step for step, _ in ckpt_io.list_checkpoints(out)]
+    assert steps and 1 <= max(steps) < 10**6  # stopped by the budget
+    assert train_mod.main([*argv, "--resume", "--minutes", "0.03"]) == 0
+    assert max(step for step, _ in ckpt_io.list_checkpoints(out)) > max(steps)
+    assert train_mod.main([*argv, "--resume", "--minutes", "0"]) == train_mod.EXIT_ERROR
+    assert "--minutes must be positive" in capsys.readouterr().err

@@ -37,7 +37,7 @@ class TrainConfig:
     audio_clips: int = 4  # original clips logged to TensorBoard once
     seed: int = 0
     compile: bool = False
-    amp: bool = True  # bf16 autocast, CUDA only; the quantiser stays in fp32
+    amp: bool = True  # bf16 autocast (CUDA and CPU); the quantiser and the loss stay in fp32
     # Bit-reproducible CUDA steps (torch.use_deterministic_algorithms): a resumed run then
     # equals the straight one bit for bit, as on CPU. Off by default: it costs speed.
     deterministic: bool = False

@@ -209,7 +209,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
-        self.amp = cfg.amp and self.device.type == "cuda"
+        self.amp = cfg.amp
         if state is not None:
             self._restore(state)
         else:
@@ -369,8 +369,10 @@ class Trainer:
     # --- steps ---------------------------------------------------------------------------
 
     def _autocast(self):
+        """bf16 autocast on CUDA and CPU (bf16 matrix products are several times faster on
+        CPUs with AVX-512 BF16 or AMX); the quantiser and the loss stay in fp32."""
         if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
@@ -504,12 +506,34 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, TensorBoard)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--steps", type=int, help="stop after this optimiser step (default: total)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="stop (with a checkpoint) after the step that reaches this many minutes of wall time",
+    )
+    p.add_argument(
+        "--cpu-minutes",
+        type=float,
+        help="the same in this process's CPU time (all threads), which other processes on a "
+        "shared machine do not inflate: equal budgets for compared runs",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch (default: its own choice, one per core); on a machine "
+        "shared with other work, fewer threads than cores avoid stalls at every synchronisation",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    budget = Budget(args.minutes, args.cpu_minutes)  # set-up (k-means) counts too
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TrainingError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     try:
         model_cfg, train_cfg = load_model_config(args.config), load_train_config(args.config)
     except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
@@ -544,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
     )
     saved_at = trainer.step
     try:
-        while trainer.step < stop:
+        while trainer.step < stop and not budget.spent():
             m = trainer.train_step()
             if trainer.step % cfg.valid_every == 0:
                 valid = trainer.validate()
@@ -590,9 +614,37 @@ def run(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
             metrics_file.close()
+    if budget.spent():
+        log(f"time budget spent: {budget}")
     best = f"{trainer.best:.4f} nats/sample" if math.isfinite(trainer.best) else "none yet"
     log(f"done at step {trainer.step}; best valid CE {best}")
     return 0
+
+
+class Budget:
+    """Optional limits on this process's wall time and CPU time (minutes, None = none),
+    counted from construction; checked between steps, so the last step may overrun."""
+
+    def __init__(self, minutes: float | None, cpu_minutes: float | None):
+        for name, value in (("--minutes", minutes), ("--cpu-minutes", cpu_minutes)):
+            if value is not None and not value > 0:
+                raise TrainingError(f"{name} must be positive")
+        self.minutes, self.cpu_minutes = minutes, cpu_minutes
+        self.wall0, self.cpu0 = time.monotonic(), time.process_time()
+
+    def used(self) -> tuple[float, float]:
+        """(wall, CPU) minutes so far."""
+        return (time.monotonic() - self.wall0) / 60, (time.process_time() - self.cpu0) / 60
+
+    def spent(self) -> bool:
+        wall, cpu = self.used()
+        return (self.minutes is not None and wall >= self.minutes) or (
+            self.cpu_minutes is not None and cpu >= self.cpu_minutes
+        )
+
+    def __str__(self) -> str:
+        wall, cpu = self.used()
+        return f"{wall:.1f} wall minutes, {cpu:.1f} CPU minutes"
 
 
 def main(argv=None) -> int:
