@@ -38,6 +38,7 @@ from tqdm import tqdm
 from model import decoder
 from model.config import load_model_config
 from training.config import load_train_config
+from training.dataset import Dataset
 from training.train import Trainer, set_deterministic
 
 # variant: (amp, compile, deterministic); a "-scatter" suffix swaps the decoder's
@@ -75,7 +76,12 @@ def _measure(args, variant: str, progress) -> dict:
     train_cfg.deterministic = deterministic
     if args.windows:
         train_cfg.windows = args.windows
+    if args.predictions:
+        train_cfg.predictions = args.predictions
     train_cfg.total_steps = max(train_cfg.total_steps, args.steps)
+    # Room for every voice of the dataset (an embedding row each: no measurable cost).
+    n_speakers = len(Dataset(args.data).speakers)
+    model_cfg.decoder.n_speakers = max(model_cfg.decoder.n_speakers, n_speakers)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model_cfg, train_cfg, args.data, out, device=args.device)
@@ -183,6 +189,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="steps per variant")
     p.add_argument("--skip", type=int, default=10, help="untimed first steps")
     p.add_argument("--windows", type=int, help="windows per step (default: the config's)")
+    p.add_argument("--predictions", type=int, help="predictions per window (default: config's)")
     p.add_argument("--profile", type=int, default=0, help="then profile this many steps")
     return p
 
