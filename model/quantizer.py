@@ -149,6 +149,16 @@ class VectorQuantizer(nn.Module):
             self.step_sum.zero_()
         self._pool = []
 
+    @property
+    def ema_perplexity(self) -> float:
+        """Perplexity of the EMA usage counts: usage over the last ``1 / (1 - decay)`` steps or
+        so, where `perplexity` and `codes_used` see one step's frames only (a step of a few
+        short windows has fewer frames than the codebook has codes)."""
+        if not self.ema:
+            return float(self.perplexity)
+        p = self.ema_count / self.ema_count.sum().clamp_min(1e-12)
+        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
     def _track_usage(self, count: torch.Tensor) -> None:
         p = count / count.sum().clamp_min(1e-12)
         self.perplexity.copy_(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))

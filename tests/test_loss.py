@@ -122,6 +122,10 @@ def test_ema_update_moves_codes_to_usage_weighted_means(batch):
     assert q.step_count.abs().sum() == 0, "step statistics are reset after the update"
     assert 1.0 <= q.perplexity.item() <= q.cfg.codebook_size
     assert q.codes_used.item() == int((counts > 0).sum())
+    share = q.ema_count / q.ema_count.sum()
+    want_ppl = float(torch.exp(-(share * share.clamp_min(1e-12).log()).sum()))
+    assert q.ema_perplexity == pytest.approx(want_ppl, rel=1e-6)
+    assert q.ema_perplexity != pytest.approx(q.perplexity.item())  # not the step's own
 
 
 def test_window_shorter_than_receptive_field_names_the_minimum(batch):

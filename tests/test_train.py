@@ -154,12 +154,17 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
 
     run(tmp_path / "straight", "--steps", "6")
     run(tmp_path / "split", "--steps", "3")
+    kept = tmp_path / "kept.pt"  # a checkpoint carried to another machine (a new --out)
+    shutil.copy(ckpt_io.checkpoint_path(tmp_path / "split", 3), kept)
     run(tmp_path / "split", "--resume", "--steps", "6")
+    run(tmp_path / "moved", "--resume-from", str(kept), "--steps", "6")
     a = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "straight", 6))
     b = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "split", 6))
     assert a["step"] == 6 and a["sampler"]["step"] + a["sampler"]["epoch"] > 0
     assert a["optimizer"]["state"], "the optimiser must have taken steps"
     _assert_same(a, b)
+    moved = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "moved", 6))
+    _assert_same(a, moved)
     _assert_same(
         ckpt_io.load(tmp_path / "straight" / ckpt_io.BEST),
         ckpt_io.load(tmp_path / "split" / ckpt_io.BEST),

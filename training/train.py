@@ -2,6 +2,7 @@
 
     python -m training.train --config small --data data/vctk --out runs/small
     python -m training.train --config small --data data/vctk --out runs/small --resume
+    python -m training.train --config small --data D --out runs/new --resume-from latest.pt
     torchrun --nproc_per_node 8 -m training.train --config default --data D --out runs/big
 
 One optimiser step = ``accumulation`` micro-batches of ``windows`` windows of N consecutive
@@ -126,6 +127,7 @@ class Trainer:
         out: str | Path,
         device: str | None = None,
         resume: bool = False,
+        resume_from: str | Path | None = None,
     ):
         self.out = Path(out)
         self.device = _pick_device(device)
@@ -139,7 +141,15 @@ class Trainer:
             raise TrainingError(str(exc)) from exc
         self.out.mkdir(parents=True, exist_ok=True)
 
-        state = self._find_resume_state(resume)
+        state = self._find_resume_state(resume) if resume_from is None else None
+        if resume_from is not None:
+            if ckpt_io.list_checkpoints(self.out):
+                raise TrainingError(f"{self.out} already holds checkpoints: use --resume there")
+            try:
+                state = ckpt_io.load(resume_from)
+            except (OSError, RuntimeError, EOFError) as exc:
+                raise TrainingError(f"--resume-from {resume_from}: {exc}") from exc
+            log(f"resuming from {resume_from} (step {state['step']})")
         if state is not None:
             model_cfg = from_dict(ModelConfig, state["model_config"], "model").validate()
             saved_train = from_dict(TrainConfig, state["train_config"], "train").validate()
@@ -420,6 +430,7 @@ class Trainer:
             "loss/commitment": commitment,
             "vq/perplexity": float(q.perplexity),
             "vq/codes_used": float(q.codes_used),
+            "vq/perplexity_ema": q.ema_perplexity,
             "perf/samples_per_s": sums.count / elapsed,
             "perf/grad_norm": grad_norm,
             "lr": lr,
@@ -505,6 +516,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--out", required=True, help="run directory (checkpoints, TensorBoard)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--resume-from",
+        metavar="CKPT",
+        help="continue the run saved in this checkpoint file (for example one kept in the "
+        "repository) in a new --out directory",
+    )
     p.add_argument("--steps", type=int, help="stop after this optimiser step (default: total)")
     p.add_argument(
         "--minutes",
@@ -545,6 +562,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         device=args.device,
         resume=args.resume,
+        resume_from=args.resume_from,
     )
     cfg = trainer.cfg
     stop = args.steps if args.steps is not None else cfg.total_steps
