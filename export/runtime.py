@@ -972,6 +972,7 @@ class Codec:
         *,
         logits: bool = True,
         codes: Sequence[np.ndarray] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[np.ndarray]:
         """Drive the incremental decoder with the true samples of each utterance (at the model
         rate): per utterance, logits ``[n, Q]`` or (``logits=False``) the NLL ``[n]`` of each
@@ -981,7 +982,8 @@ class Codec:
         its samples encode to (default), each with the utterance's frame count
         (``geometry.padding(n)[2]``, as `encode` gives) and in ``[0, codebook_size)``. Passing
         `encode`'s codes gives the default's outputs; other codes (shuffled in time, one
-        repeated code) measure how much the decoder relies on them."""
+        repeated code) measure how much the decoder relies on them. ``progress``: as in
+        `decode`."""
         if codes is not None and len(codes) != len(waves):
             raise ValueError(f"codes: {len(codes)} code arrays for {len(waves)} utterances")
         conds, streams, offset = [], [], 0
@@ -1015,7 +1017,7 @@ class Codec:
             )
             conds.append(cond)
             offset += len(cond)
-        return self._run(streams, np.concatenate(conds), None)
+        return self._run(streams, np.concatenate(conds), progress)
 
     def folded_nll(
         self,

@@ -102,13 +102,18 @@ def test_teacher_forced_streams_are_independent_of_their_batch(tiny):
 
 def test_teacher_forced_on_given_codes(tiny):
     """``codes=``: an utterance's own codes give the default's outputs, other codes change
-    them, and code arrays of the wrong count, length or range are refused."""
+    them, and code arrays of the wrong count, length or range are refused; ``progress`` is
+    called up to the end."""
     _, out = tiny
     codec = Codec(out, workers=1)
     a, b = clip("activated", 2500), clip("agent-newlocation", 4100)
     own = [codec.encode(a), codec.encode(b)]
     default = codec.teacher_forced([a, b], speaker=1, logits=False)
-    given = codec.teacher_forced([a, b], speaker=1, logits=False, codes=own)
+    calls = []
+    given = codec.teacher_forced(
+        [a, b], speaker=1, logits=False, codes=own, progress=lambda *c: calls.append(c)
+    )
+    assert calls and calls[-1][0] == calls[-1][1] > 0
     for d, g in zip(default, given):
         np.testing.assert_array_equal(g, d)
     assert codec.cross_entropy([a, b], 1, codes=own) == codec.cross_entropy([a, b], 1)
