@@ -28,6 +28,7 @@ from training.evaluate import (
     markdown_table,
     model_card,
     permuted_codes,
+    plan,
     stoi_score,
     word_errors,
 )
@@ -311,3 +312,13 @@ def test_evaluation_runs_without_torch(app_model_dir, dataset):
     )
     assert done.returncode == 0, done.stderr
     assert "| Allison | 1 |" in done.stdout
+
+
+def test_plan_notes_held_out_voices_the_model_knows(dataset):
+    groups = plan(dataset, ["Allison", "Nobody", "IvrvoiceRU"], limit=1, heldout_voice="Allison")
+    assert [(g.name, len(g.indices), g.voice) for g in groups.groups] == [
+        ("Allison", 1, "Allison"),
+        ("IvrvoiceRU", 1, "IvrvoiceRU"),
+        ("held-out Nobody (as Allison)", 1, "Allison"),
+    ]
+    assert any("Nobody are also speakers of the model" in note for note in groups.notes)

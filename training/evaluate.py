@@ -305,7 +305,8 @@ def plan(
         indices = held.split(split)
         result.heldout_split = split if indices else "all"
         indices = indices or list(range(len(held)))
-        for name, idx in _by_speaker(held, indices).items():
+        by_held = _by_speaker(held, indices)
+        for name, idx in by_held.items():
             result.groups.append(
                 Group(
                     f"held-out {name} (as {voice})",
@@ -316,9 +317,16 @@ def plan(
                     model_speakers.index(voice),
                 )
             )
+        known = [name for name in by_held if name in model_speakers]
+        if known:
+            result.notes.append(
+                f"Held-out voices {', '.join(known)} are also speakers of the model: it may "
+                "have been trained on them."
+            )
         result.notes.append(
-            f"Held-out voices ({root / HELDOUT_DIR}, split {result.heldout_split}) have no "
-            f"speaker embedding: resynthesised and scored in the voice of {voice}."
+            f"Held-out voices ({root / HELDOUT_DIR}, split {result.heldout_split}) are "
+            f"resynthesised and scored in the voice of {voice} (an unseen voice has no speaker "
+            "embedding of its own)."
         )
     elif heldout_voice is not None:
         result.notes.append(f"--heldout-voice {heldout_voice}: {root} has no heldout/.")
