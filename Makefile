@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # ffmpeg: Gradio encodes streamed audio with it (the app plays decoded speech as it is
 # generated; without ffmpeg it plays the whole file at the end).
 APP_PACKAGES := ffmpeg
-APT_PACKAGES := chromium asterisk-core-sounds-en-g722 $(APP_PACKAGES)
+APT_PACKAGES := chromium asterisk-core-sounds-en-g722 asterisk-core-sounds-en $(APP_PACKAGES)
 
 .PHONY: app test lint format system app-system apt data clean
 
@@ -16,7 +16,8 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-# Debian packages the tests use (browser tests, a real-speech corpus check, streaming). Root on CI.
+# Debian packages the tests use (browser tests, a real-speech corpus check, the English
+# prompts' transcripts for word error rates, streaming). Root on CI.
 system:
 	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
 

@@ -966,17 +966,41 @@ class Codec:
     # --- teacher forcing (checks and quality) -------------------------------------------------
 
     def teacher_forced(
-        self, waves: Sequence[np.ndarray], speaker: int | str = 0, *, logits: bool = True
+        self,
+        waves: Sequence[np.ndarray],
+        speaker: int | str = 0,
+        *,
+        logits: bool = True,
+        codes: Sequence[np.ndarray] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[np.ndarray]:
         """Drive the incremental decoder with the true samples of each utterance (at the model
         rate): per utterance, logits ``[n, Q]`` or (``logits=False``) the NLL ``[n]`` of each
-        true sample. Equal to the parallel PyTorch model's teacher-forced outputs."""
+        true sample. Equal to the parallel PyTorch model's teacher-forced outputs.
+
+        ``codes``: one code array ``[F]`` per utterance to condition on instead of the codes
+        its samples encode to (default), each with the utterance's frame count
+        (``geometry.padding(n)[2]``, as `encode` gives) and in ``[0, codebook_size)``. Passing
+        `encode`'s codes gives the default's outputs; other codes (shuffled in time, one
+        repeated code) measure how much the decoder relies on them. ``progress``: as in
+        `decode`."""
+        if codes is not None and len(codes) != len(waves):
+            raise ValueError(f"codes: {len(codes)} code arrays for {len(waves)} utterances")
         conds, streams, offset = [], [], 0
         for r, w in enumerate(waves):
             x = self.to_model_rate(w)
             left, right, n_frames = self.geometry.padding(len(x))
             padded = np.pad(x, (left, right))
-            cond = self.condition(self.encode_padded(padded, n_frames), speaker)
+            if codes is None:
+                given = self.encode_padded(padded, n_frames)
+            else:
+                given = np.asarray(codes[r])
+                if given.ndim != 1 or len(given) != n_frames:
+                    raise ValueError(
+                        f"codes[{r}]: shape {given.shape}, but utterance {r} ({len(x)} "
+                        f"samples) has {n_frames} frames"
+                    )
+            cond = self.condition(given, speaker)  # validates dtype and range
             tau0 = left - self.context
             classes = mulaw_encode(padded, self.q)
             streams.append(
@@ -993,7 +1017,7 @@ class Codec:
             )
             conds.append(cond)
             offset += len(cond)
-        return self._run(streams, np.concatenate(conds), None)
+        return self._run(streams, np.concatenate(conds), progress)
 
     def folded_nll(
         self,
@@ -1050,9 +1074,16 @@ class Codec:
             outs.append(np.concatenate(owned))
         return outs
 
-    def cross_entropy(self, waves: Sequence[np.ndarray], speaker: int | str = 0) -> float:
-        """Teacher-forced cross-entropy (nats/sample) over all samples of the utterances."""
-        nll = self.teacher_forced(waves, speaker, logits=False)
+    def cross_entropy(
+        self,
+        waves: Sequence[np.ndarray],
+        speaker: int | str = 0,
+        *,
+        codes: Sequence[np.ndarray] | None = None,
+    ) -> float:
+        """Teacher-forced cross-entropy (nats/sample) over all samples of the utterances,
+        conditioned on their own codes or on ``codes`` (as `teacher_forced`)."""
+        nll = self.teacher_forced(waves, speaker, logits=False, codes=codes)
         return float(np.concatenate(nll).astype(np.float64).mean())
 
     # --- the generation engine ----------------------------------------------------------------

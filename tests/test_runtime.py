@@ -100,6 +100,36 @@ def test_teacher_forced_streams_are_independent_of_their_batch(tiny):
         np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
 
 
+def test_teacher_forced_on_given_codes(tiny):
+    """``codes=``: an utterance's own codes give the default's outputs, other codes change
+    them, and code arrays of the wrong count, length or range are refused; ``progress`` is
+    called up to the end."""
+    _, out = tiny
+    codec = Codec(out, workers=1)
+    a, b = clip("activated", 2500), clip("agent-newlocation", 4100)
+    own = [codec.encode(a), codec.encode(b)]
+    default = codec.teacher_forced([a, b], speaker=1, logits=False)
+    calls = []
+    given = codec.teacher_forced(
+        [a, b], speaker=1, logits=False, codes=own, progress=lambda *c: calls.append(c)
+    )
+    assert calls and calls[-1][0] == calls[-1][1] > 0
+    for d, g in zip(default, given):
+        np.testing.assert_array_equal(g, d)
+    assert codec.cross_entropy([a, b], 1, codes=own) == codec.cross_entropy([a, b], 1)
+    other = [(c + 1) % codec.codebook_size for c in own]
+    shifted = codec.teacher_forced([a, b], speaker=1, logits=False, codes=other)
+    assert not np.allclose(shifted[1], default[1])
+    with pytest.raises(ValueError, match="1 code arrays for 2 utterances"):
+        codec.teacher_forced([a, b], codes=own[:1])
+    with pytest.raises(ValueError, match=r"codes\[1\].*frames"):
+        codec.teacher_forced([a, b], codes=[own[0], own[1][:-1]])
+    with pytest.raises(ValueError, match="must lie in"):
+        codec.teacher_forced([a], codes=[np.full_like(own[0], codec.codebook_size)])
+    with pytest.raises(ValueError, match="integer"):
+        codec.teacher_forced([a], codes=[own[0].astype(np.float32)])
+
+
 @pytest.mark.parametrize("n", [1, 4000, 17024, 45000])
 def test_chunked_encoding_equals_whole_file_encoding(tiny, n):
     model, out = tiny
