@@ -3,6 +3,7 @@
     python -m training.train --config small --data data/vctk --out runs/small
     python -m training.train --config small --data data/vctk --out runs/small --resume
     python -m training.train --config small --data D --out runs/new --resume-from latest.pt
+    python -m training.train --config small --data D --out runs/new --init-from warm.pt
     torchrun --nproc_per_node 8 -m training.train --config default --data D --out runs/big
 
 One optimiser step = ``accumulation`` micro-batches of ``windows`` windows of N consecutive
@@ -27,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -128,6 +130,7 @@ class Trainer:
         device: str | None = None,
         resume: bool = False,
         resume_from: str | Path | None = None,
+        init_from: str | Path | None = None,
     ):
         self.out = Path(out)
         self.device = _pick_device(device)
@@ -141,15 +144,25 @@ class Trainer:
             raise TrainingError(str(exc)) from exc
         self.out.mkdir(parents=True, exist_ok=True)
 
-        state = self._find_resume_state(resume) if resume_from is None else None
-        if resume_from is not None:
+        if resume_from is not None or init_from is not None:
+            if resume or (resume_from is not None and init_from is not None):
+                raise TrainingError("--resume, --resume-from and --init-from exclude each other")
             if ckpt_io.list_checkpoints(self.out):
                 raise TrainingError(f"{self.out} already holds checkpoints: use --resume there")
-            try:
-                state = ckpt_io.load(resume_from)
-            except (OSError, RuntimeError, EOFError) as exc:
-                raise TrainingError(f"--resume-from {resume_from}: {exc}") from exc
+        state = _load_file("--resume-from", resume_from) if resume_from else None
+        if state is None and init_from is None:
+            state = self._find_resume_state(resume)
+        elif state is not None:
             log(f"resuming from {resume_from} (step {state['step']})")
+        init = _load_file("--init-from", init_from) if init_from else None
+        if init is not None:
+            model_cfg = from_dict(ModelConfig, init["model_config"], "model").validate()
+            if list(init.get("speakers", [])) != self.dataset.speakers:
+                raise TrainingError(
+                    f"--init-from {init_from} has the voices {init.get('speakers')}, the dataset "
+                    f"{self.dataset.speakers}: rebuild it for this dataset (training.warm_start)"
+                )
+            log(f"weights from {init_from}; the [model] table of --config is not used")
         if state is not None:
             model_cfg = from_dict(ModelConfig, state["model_config"], "model").validate()
             saved_train = from_dict(TrainConfig, state["train_config"], "train").validate()
@@ -195,11 +208,13 @@ class Trainer:
         self.ema_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.best, self.bad_in_a_row = 0, math.inf, 0
 
-        if state is None:
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+        elif init is not None:
+            self.model.load_state_dict(init["model"])
+        else:
             self._init_statistics(train_lengths)
             self._init_codebook()
-        else:
-            self.model.load_state_dict(state["model"])
 
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
@@ -485,6 +500,13 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.deterministic = enabled
 
 
+def _load_file(option: str, path: str | Path) -> dict:
+    try:
+        return ckpt_io.load(path)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise TrainingError(f"{option} {path}: {exc}") from exc
+
+
 def _pick_device(name: str | None) -> torch.device:
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -521,6 +543,12 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="continue the run saved in this checkpoint file (for example one kept in the "
         "repository) in a new --out directory",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run from these weights (training.warm_start rebuilds them from an "
+        "exported model); optimiser, schedule and data order start afresh",
     )
     p.add_argument("--steps", type=int, help="stop after this optimiser step (default: total)")
     p.add_argument(
@@ -563,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         resume_from=args.resume_from,
+        init_from=args.init_from,
     )
     cfg = trainer.cfg
     stop = args.steps if args.steps is not None else cfg.total_steps
