@@ -86,6 +86,8 @@ def report(app_model_dir, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_out")
     args = ["--model", str(app_model_dir), "--data", str(dataset), "--json", str(out / "eval.json")]
     args += ["--card", str(out / "MODEL_CARD.md"), "--heldout-voice", "Carlo", "--quiet"]
+    (out / "notes.md").write_text("## Training\n\nTwo steps on a laptop.\n")
+    args += ["--card-notes", str(out / "notes.md")]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         status = main(args)
@@ -242,6 +244,7 @@ def test_table_and_card_show_the_rows(report):
     assert card.startswith("# Model card: ")
     assert "test model with random weights" in card and markdown_table(data["rows"]) in card
     assert "corpus: test clips" in card and "--heldout-voice Carlo" in card
+    assert card.endswith("\n\n## Training\n\nTwo steps on a laptop.\n")  # --card-notes
     extra = model_card(data, {"Training": {"config": "tiny", "steps": 0}, "Notes": "None."})
     assert extra.endswith(
         "## Training\n\n- **config**: tiny\n- **steps**: 0\n\n## Notes\n\nNone.\n"
@@ -283,6 +286,7 @@ def test_usage_errors_are_one_line_with_exit_status_2(app_model_dir, dataset, tm
         ([*model, "--data", str(dataset), "--heldout-voice", "Nobody"], "not one of the model's"),
         ([*model, "--data", str(dataset), "--speakers", "Carlo"], "--speakers Carlo: not in"),
         ([*model, "--data", str(dataset), "--limit", "0"], "--limit must be >= 1"),
+        ([*model, "--data", str(dataset), "--card-notes", str(tmp_path / "no.md")], "--card-notes"),
     ]
     for args, phrase in cases:
         assert main(args) == 2, args

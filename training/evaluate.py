@@ -690,6 +690,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="the int8 decoder graphs")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--card", type=Path, help="write a model card (markdown) here")
+    p.add_argument(
+        "--card-notes",
+        type=Path,
+        help="markdown appended to the model card (training details, limits)",
+    )
     p.add_argument("--no-wer", action="store_true", help="skip speech recognition")
     p.add_argument("--no-ce", action="store_true", help="skip teacher-forced cross-entropy")
     p.add_argument(
@@ -712,6 +717,13 @@ def main(argv=None) -> int:
     if args.seed < 0:
         print("error: --seed must be >= 0", file=sys.stderr)
         return 2
+    notes = None
+    if args.card_notes is not None:
+        try:
+            notes = args.card_notes.read_text()
+        except OSError as e:
+            print(f"error: --card-notes: {e.strerror}: {args.card_notes}", file=sys.stderr)
+            return 2
     model = Path(args.model)
     if not model.is_dir():
         print(f"error: {model}: no such model directory", file=sys.stderr)
@@ -747,7 +759,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
     if args.card:
-        write_model_card(args.card, report)
+        card = model_card(report)
+        args.card.write_text(card if notes is None else f"{card}\n{notes.strip()}\n")
     return 0
 
 
