@@ -22,9 +22,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, InputError, ModelLoadError
-from export.audio import save_wav
-from export.codes_file import SUFFIX
-from export.runtime import DecodeRequest
+from vqwavenet.audio import save_wav
+from vqwavenet.codec import DecodeRequest
+from vqwavenet.codes_file import SUFFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 OUTPUT_SUFFIX = {"encode": SUFFIX, "decode": ".decoded.wav", "resynth": ".resynth.wav"}

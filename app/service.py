@@ -1,8 +1,8 @@
 """What the web app and the CLI do with a model, minus their user interfaces.
 
-`CodecService` wraps an exported model directory (`export.runtime.Codec`) with the checks a
-service facing users needs: audio goes through `export.audio.load_audio` (format, rate, channels,
-NaN, silence, duration limit), codes files through `export.codes_file.CodesFile.read` (magic,
+`CodecService` wraps an exported model directory (`vqwavenet.codec.Codec`) with the checks a
+service facing users needs: audio goes through `vqwavenet.audio.load_audio` (format, rate, channels,
+NaN, silence, duration limit), codes files through `vqwavenet.codes_file.CodesFile.read` (magic,
 version, header, range) plus the checks only the model can make (same model, hop, rate,
 codebook, frames consistent with the sample count, speaker known, duration limit). Every refusal
 is an `InputError` (a ``ValueError``) whose message can be shown to the user as is.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from export.audio import AudioError, load_audio
-from export.codes_file import SUFFIX, CodesFile, CodesFileError, ModelRef
-from export.runtime import Codec, DecodeRequest, ModelDirError
+from vqwavenet.audio import AudioError, load_audio
+from vqwavenet.codec import Codec, DecodeRequest, ModelDirError
+from vqwavenet.codes_file import SUFFIX, CodesFile, CodesFileError, ModelRef
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "bundled"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "vqwavenet" / "models" / "bundled"
 DEFAULT_MAX_SECONDS = 60.0
 
 Progress = Callable[[int, int], None]

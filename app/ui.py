@@ -35,7 +35,7 @@ from PIL import Image
 
 from app.pictures import codes_image, spectrogram_image
 from app.service import CodecService, InputError, codes_name
-from export.audio import save_wav
+from vqwavenet.audio import save_wav
 
 log = logging.getLogger(__name__)
 FROM_FILE = "(the file's speaker)"

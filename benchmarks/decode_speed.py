@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime import Codec, DecodeRequest
+from vqwavenet.codec import Codec, DecodeRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def time_decode(codec: Codec, req: DecodeRequest, streams_per_worker: int) -> fl
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "bundled")
+    p.add_argument("--model", type=Path, default=ROOT / "vqwavenet" / "models" / "bundled")
     p.add_argument("--int8", action="store_true")
     p.add_argument("--seconds", type=float, nargs="+", default=[1, 2, 4, 6, 7.8, 8])
     p.add_argument("--reps", type=int, default=3)

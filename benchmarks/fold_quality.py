@@ -6,7 +6,7 @@
     python -m benchmarks.fold_quality --warmup exact       # the full zero-input warm-up
 
 The engine decodes a long file as segments generated side by side; each after the first starts
-from a state that is not the true past (the primer's speech, `export.primer`, or silence)
+from a state that is not the true past (the primer's speech, `vqwavenet.primer`, or silence)
 ``overlap`` samples before the point where it takes over, and the two are cross-faded there.
 Sampling gives no number to compare, so this measures the same schedule teacher-forced
 (`Codec.folded_nll`): the NLL of every true sample when its segment started that way, against
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from export.runtime import Codec
+from vqwavenet.codec import Codec
 
 ROOT = Path(__file__).resolve().parent.parent
 BINS = (0, 20, 80, 320, 1280, 5120)
@@ -77,7 +77,7 @@ def cost(codec: Codec, waves, speaker, segment: int, overlap: int, burn_in: int 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
+    p.add_argument("--model", default=str(ROOT / "vqwavenet" / "models" / "bundled"))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0")
     p.add_argument("--warmup", choices=["primed", "steady", "exact"], help="default: the codec's")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from export.runtime import Codec, DecodeRequest, mulaw_decode
+from vqwavenet.codec import Codec, DecodeRequest, mulaw_decode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def segment_energy(
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
+    p.add_argument("--model", default=str(ROOT / "vqwavenet" / "models" / "bundled"))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0", help="voice of the decodes (the clips' own)")
     p.add_argument("--seed", type=int, default=0)

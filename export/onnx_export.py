@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.runtime import FORMAT, VERSION, step_names
-from export.runtime import file_sha256 as sha256
 from model.autoencoder import Autoencoder
 from model.config import ModelConfig, from_dict, to_dict
 from model.decoder_step import DecoderStep
 from model.geometry import CodecGeometry
+from vqwavenet.codec import FORMAT, VERSION, step_names
+from vqwavenet.codec import file_sha256 as sha256
 
 FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx", "decoder_warmup.onnx")
 INT8_FILES = {
@@ -141,7 +141,7 @@ def layer_spec(layer) -> dict:
 
 
 def geometry_spec(geo: CodecGeometry) -> dict:
-    """Layer specs from which `export.runtime` rebuilds the same `CodecGeometry`."""
+    """Layer specs from which `vqwavenet.codec` rebuilds the same `CodecGeometry`."""
     return {
         "encoder": [layer_spec(x) for x in geo.encoder],
         "conditioning": [layer_spec(x) for x in geo.conditioning],
@@ -416,7 +416,7 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
 
 def int8_quality(out: Path, waves: list[np.ndarray], max_samples: int = 8000) -> dict:
     """Teacher-forced cross-entropy (nats/sample) of fp32 and int8 steps on held-out clips."""
-    from export.runtime import Codec
+    from vqwavenet.codec import Codec
 
     waves = [w[:max_samples] for w in waves]
     result = {}

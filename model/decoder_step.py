@@ -5,7 +5,7 @@ the newest column. Layer ``i`` at time ``tau`` reads its input at ``tau - j * d_
 (``j < kernel``), so the caller keeps, per layer, a ring buffer of its last ``(kernel-1) * d_i``
 inputs and passes the ``kernel - 1`` older taps as ``past``; this module returns the current
 inputs (``current``) to push into those rings. Ring buffers and sampling noise live outside
-(numpy in `export.runtime`), so this module exports to ONNX as one small graph and runs seeded.
+(numpy in `vqwavenet.codec`), so this module exports to ONNX as one small graph and runs seeded.
 
 The weights are a snapshot of the decoder's, rearranged for row-vector products (one GEMM per
 layer and tap, one for every layer's skip at once): rebuild after training.

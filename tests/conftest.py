@@ -98,7 +98,7 @@ CLIP = DATA / "activated.wav"
 
 def write_codes(path: Path, cf, **changes) -> Path:
     """Write ``cf`` with header fields replaced (bypassing validation, to make bad files)."""
-    from export.codes_file import CodesFile
+    from vqwavenet.codes_file import CodesFile
 
     fields = {
         k: getattr(cf, k)

@@ -24,9 +24,9 @@ from gradio_client.utils import Status
 
 from app.__main__ import main as app_main
 from app.pictures import codes_image, spectrogram_image
-from export.audio import to_int16
-from export.codes_file import CodesFile
 from tests.conftest import APP_MAX_FILE_SIZE, DATA, free_port
+from vqwavenet.audio import to_int16
+from vqwavenet.codes_file import CodesFile
 
 ROOT = Path(__file__).resolve().parent.parent
 # Gradio's queue calls pandas APIs that pandas 3 deprecates: its noise, not ours.

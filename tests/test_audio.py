@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from export.audio import AudioError, load_audio, save_wav, to_int16
+from vqwavenet.audio import AudioError, load_audio, save_wav, to_int16
 
 DATA = Path(__file__).resolve().parent / "data"
 FREQ = 440.0

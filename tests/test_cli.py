@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from app.cli import EXIT_FAILED, EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
-from export.codes_file import CodesFile
 from tests.conftest import APP_MAX_SECONDS
+from vqwavenet.codes_file import CodesFile
 
 ROOT = Path(__file__).resolve().parent.parent
 

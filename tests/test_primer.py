@@ -1,4 +1,4 @@
-"""Primed segment starts (`export.primer`, ``Codec(warmup="primed")``): the state is the one a
+"""Primed segment starts (`vqwavenet.primer`, ``Codec(warmup="primed")``): the state is the one a
 stepped decode of the primer reaches, later segments start loud from it, and model
 directories without a primer (or with a damaged one) behave as they say."""
 
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from export.primer import PRIMER_FILE, choose_excerpt, main
-from export.runtime import Codec, DecodeRequest, ModelDirError, _Stream, mulaw_decode, mulaw_encode
 from tests.conftest import DATA
 from tests.test_export import clip
+from vqwavenet.codec import Codec, DecodeRequest, ModelDirError, _Stream, mulaw_decode, mulaw_encode
+from vqwavenet.primer import PRIMER_FILE, choose_excerpt, main
 
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "bundled"
+BUNDLED = Path(__file__).resolve().parent.parent / "vqwavenet" / "models" / "bundled"
 
 
 def test_choose_excerpt_takes_typical_speech_not_a_pause_or_the_loudest_part():
@@ -119,7 +119,7 @@ def test_model_dirs_without_a_primer_start_from_silence_and_damaged_ones_fail(tm
     (bare / PRIMER_FILE).unlink()
     steady = Codec(bare)
     assert (steady.warmup, steady.burn_in) == ("steady", 960)
-    with pytest.raises(ModelDirError, match="export.primer"):
+    with pytest.raises(ModelDirError, match="vqwavenet.primer"):
         Codec(bare, warmup="primed")
 
     edited = tmp_path / "edited"

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from export import runtime
 from export.onnx_export import export_model, load_checkpoint
-from export.runtime import Codec, DecodeRequest, ModelDirError, _Fold, mulaw_decode
 from tests.test_export import clip, make_checkpoint, teacher_forced_reference
+from vqwavenet import codec as runtime
+from vqwavenet.codec import Codec, DecodeRequest, ModelDirError, _Fold, mulaw_decode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_runtime_and_its_imports_run_without_torch(tiny):
         f"""
         import sys
         import numpy as np
-        import export.runtime as rt
+        import vqwavenet.codec as rt
         codec = rt.Codec({str(out)!r})
         x = 0.1 * np.sin(np.arange(6000) / 7.0).astype(np.float32)
         codes = codec.encode(x, 16000, chunk_frames=5)
@@ -150,7 +150,7 @@ def test_step_batches_kept_between_calls_change_no_result():
     next call's audio bit-equal (int8, where one stale value would also spoil every row's
     quantisation scale). Control: the stepped warm-up, which reads the rings it inherits, is
     changed by the same poison."""
-    out = ROOT / "models" / "bundled"
+    out = ROOT / "vqwavenet" / "models" / "bundled"
     codec = Codec(out, workers=1, int8=True)
     codes = codec.encode(clip("agent-newlocation", 6000))
     other = codec.encode(clip("activated", 9000))
@@ -401,7 +401,7 @@ def test_a_draining_batch_drops_its_idle_rows(tiny, monkeypatch):
     """Once the queue is empty and half the rows are idle, the batch keeps only its busy rows
     (their rings moved to the front); what every stream gives is unchanged, in free-running
     decoding and teacher-forced. Control: the compaction happened, more than once."""
-    from export import runtime
+    from vqwavenet import codec as runtime
 
     kept = []
     keep = runtime._StepBatch.keep
@@ -475,7 +475,7 @@ def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
     """`Codec._steady`: one more step on silence under the same conditioning, each tap fed
     from the rings, writes the rings' own values back. Control: the state one call short
     (``L - 1`` calls) is not yet the fixed point."""
-    from export.runtime import step_names
+    from vqwavenet.codec import step_names
 
     _, out = tiny
     codec = Codec(out, workers=1)
@@ -510,7 +510,7 @@ def test_steady_and_primed_starts_start_only_later_segments(warmup):
     samples differ (the control that the mode is in effect). The bundled model, because in
     `tiny` the warm-up window lies within one conditioning frame, where the exact warm-up
     reaches the steady state itself."""
-    out = ROOT / "models" / "bundled"
+    out = ROOT / "vqwavenet" / "models" / "bundled"
     steady, exact = Codec(out, workers=1, warmup=warmup), Codec(out, workers=1, warmup="exact")
     assert Codec(out).warmup == "primed"
     codes = steady.encode(clip("agent-newlocation", 6000))
@@ -534,7 +534,7 @@ def test_automatic_segments_and_burn_in(tiny):
     steady, exact = Codec(out, workers=2), Codec(out, workers=2, warmup="exact")
     sr = steady.sample_rate
     assert steady.warmup == "steady" and steady.min_segment == sr // 4
-    primed = Codec(ROOT / "models" / "bundled", workers=2)
+    primed = Codec(ROOT / "vqwavenet" / "models" / "bundled", workers=2)
     assert (primed.min_segment, primed.burn_in) == (sr // 8, round(0.01 * sr))
     n = 8 * sr
     assert len(primed._segments(n, primed.auto_segment(n), primed.hop, primed.burn_in)) == 64
@@ -570,7 +570,7 @@ def test_sampling_through_a_stepped_warm_up_equals_the_parallel_one():
     """Generation, not only teacher forcing: rows stepping through their zero-input warm-up
     keep the zero class as input (`_step_loop` copies a draw only to rows that generate).
     Control: feeding every row its draw changes 98 % of the samples."""
-    codec = Codec(ROOT / "models" / "bundled", workers=1, warmup="exact")
+    codec = Codec(ROOT / "vqwavenet" / "models" / "bundled", workers=1, warmup="exact")
     codes = codec.encode(clip("activated", 9000))
     parallel = codec.decode(codes, speaker=1, seed=3, n_samples=9000, segment=3000)
     codec.parallel_warmup = False
@@ -695,7 +695,7 @@ def test_int8_step_keeps_only_the_output_head_in_fp32(tmp_path):
 def test_bundled_int8_costs_under_a_thousandth_of_a_nat():
     """Teacher-forced on the test clips, the bundled model's int8 step stays within 0.001
     nats/sample of fp32. Control: quantising the output head too cost it 0.019."""
-    bundled = ROOT / "models" / "bundled"
+    bundled = ROOT / "vqwavenet" / "models" / "bundled"
     waves = [clip(name, 8000) for name in ("activated", "agent-newlocation", "auth-incorrect")]
     fp32 = Codec(bundled).cross_entropy(waves)
     int8 = Codec(bundled, int8=True).cross_entropy(waves)

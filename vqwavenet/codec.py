@@ -1,4 +1,4 @@
-"""Inference without PyTorch: onnxruntime and numpy (audio in through `export.audio`).
+"""Inference without PyTorch: onnxruntime and numpy (audio in through `vqwavenet.audio`).
 
     codec = Codec("exported/small")
     codes = codec.encode(wave, sr)                     # [F] int64, 50 Hz
@@ -19,7 +19,7 @@ cross-fade and drops them (`Codec.burn_in`). The first starts exactly, as the ut
 from its zero padding (the rings after ``wavenet_context`` zero-input steps, one parallel
 `decoder_warmup.onnx` call). Later ones cannot start from the audio before them, which is
 generated beside them: by default they start from the decoder's state after the model
-directory's primer, a few milliseconds of real speech (`export.primer`; computed once per
+directory's primer, a few milliseconds of real speech (`vqwavenet.primer`; computed once per
 speaker), and are as loud as an unbroken decode from their first samples. From silence
 (``Codec(warmup="steady")``, the rings of endless silence under the segment's first
 conditioning frame, a fixed point found in ``L`` step calls; the default for a model directory
@@ -56,8 +56,8 @@ import numpy as np
 import onnxruntime as ort
 import soundfile as sf
 
-from export.audio import load_audio
 from model.geometry import CodecGeometry, Conv, Upsample
+from vqwavenet.audio import load_audio
 
 FORMAT = "vqwavenet-onnx"
 VERSION = 2  # 2: the step graph takes one tensor per ring slot (`step_names`)
@@ -367,7 +367,7 @@ class Codec:
         threads: intra-op threads of the encoder and conditioner (default: all cores).
         check_hashes: verify every file against ``model.json``'s sha256.
         warmup: how a folded segment after the first starts. ``"primed"`` (the default where
-            the model directory has a primer, `export.primer`): the decoder's state after the
+            the model directory has a primer, `vqwavenet.primer`): the decoder's state after the
             primer's speech (`_primed`, computed once per speaker), from which a sampled
             segment starts as loud as an unbroken decode. ``"steady"`` (the default
             otherwise): rings of endless silence under the segment's first conditioning frame
@@ -487,12 +487,12 @@ class Codec:
         self._primed_lock = threading.Lock()
 
     def _load_primers(self, check_hashes: bool) -> dict[int | None, np.ndarray]:
-        """The primers' samples (`export.primer`), checked against ``model.json``: the one
+        """The primers' samples (`vqwavenet.primer`), checked against ``model.json``: the one
         every voice starts from (key ``None``) and voices' own (by speaker index)."""
         entry = self.meta.get("primer")
         if entry is None:
             raise ModelDirError(
-                f"{self.dir}: no primer for warmup='primed' (python -m export.primer --model "
+                f"{self.dir}: no primer for warmup='primed' (python -m vqwavenet.primer --model "
                 f"{self.dir} --wav CLIP)"
             )
         primers = {None: self._read_primer(entry, check_hashes)}
@@ -510,7 +510,7 @@ class Codec:
         if sr != self.sample_rate or wave.ndim != 1 or len(wave) < self.context + 1:
             raise ModelDirError(
                 f"{path}: a primer must be mono at {self.sample_rate} Hz with at least "
-                f"{self.context + 1} samples (rewrite it: python -m export.primer)"
+                f"{self.context + 1} samples (rewrite it: python -m vqwavenet.primer)"
             )
         return wave
 
@@ -565,7 +565,7 @@ class Codec:
 
     def to_model_rate(self, wav: np.ndarray, sr: int | None = None) -> np.ndarray:
         """Mono float32 in [-1, 1] at the model's rate from ``[n]`` or ``[n, channels]`` at
-        ``sr`` (default: the model's; integer PCM is scaled): `export.audio.load_audio`'s
+        ``sr`` (default: the model's; integer PCM is scaled): `vqwavenet.audio.load_audio`'s
         checks and conversion, silence allowed. Raises `AudioError` (a ``ValueError``)."""
         sr = self.sample_rate if sr is None else sr
         return load_audio((sr, np.asarray(wav)), self.sample_rate, None, allow_silence=True)

@@ -1,15 +1,15 @@
 """The primer: a few milliseconds of real speech that every folded segment after the first
 starts from, instead of silence.
 
-    python -m export.primer --model models/bundled --wav clip.wav
-    python -m export.primer --model models/bundled --wav carlo.wav --speaker Carlo
+    python -m vqwavenet.primer --model vqwavenet/models/bundled --wav clip.wav
+    python -m vqwavenet.primer --model vqwavenet/models/bundled --wav carlo.wav --speaker Carlo
 
 A folded segment cannot start from the audio before it (the segments are generated side by
 side), so it starts from some state and must climb out of it. From silence, a sampled segment
 stays quiet for about 1000 samples (the model feeds on its own quiet output) and the engine
 had to generate and drop 960 samples before each cross-fade. From the decoder's state after
 ``wavenet_context`` samples of real speech, it starts at the loudness of an unbroken decode,
-and a far shorter burn-in joins as well (`export.runtime.Codec.burn_in`).
+and a far shorter burn-in joins as well (`vqwavenet.codec.Codec.burn_in`).
 
 The excerpt is stored as ``primer.wav`` (16-bit PCM at the model rate, ``wavenet_context + 1``
 samples) and named, with its sha256, under ``"primer"`` in ``model.json``; the engine encodes
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from export.audio import AudioError, load_audio
-from export.runtime import ModelDirError, file_sha256, geometry_from_spec
+from vqwavenet.audio import AudioError, load_audio
+from vqwavenet.codec import ModelDirError, file_sha256, geometry_from_spec
 
 PRIMER_FILE = "primer.wav"
 
@@ -112,7 +112,9 @@ def write_primer(
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.primer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m vqwavenet.primer", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", required=True, help="an exported model directory")
     p.add_argument("--wav", required=True, help="a clip of clean speech (any rate, any format)")
     p.add_argument("--speaker", help="the voice whose own primer this is (default: every voice's)")

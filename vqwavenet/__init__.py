@@ -1,0 +1,1 @@
+"""vqwavenet: a batch-invariant VQ-VAE WaveNet speech codec that runs on onnxruntime (no torch)."""
