@@ -22,8 +22,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, InputError, ModelLoadError
+from vqwavenet import DecodeRequest
 from vqwavenet.audio import save_wav
-from vqwavenet.codec import DecodeRequest
 from vqwavenet.codes_file import SUFFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest, ModelDirError
 from vqwavenet.audio import AudioError, load_audio
-from vqwavenet.codec import Codec, DecodeRequest, ModelDirError
 from vqwavenet.codes_file import SUFFIX, CodesFile, CodesFileError, ModelRef
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "vqwavenet" / "models" / "bundled"
+DEFAULT_MODEL = BUNDLED_MODEL
 DEFAULT_MAX_SECONDS = 60.0
 
 Progress = Callable[[int, int], None]

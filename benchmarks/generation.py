@@ -58,7 +58,7 @@ from export.onnx_export import export_model
 from model.autoencoder import Autoencoder
 from model.config import load_model_config
 from model.decoder_step import DecoderStep
-from vqwavenet.codec import Codec, DecodeRequest
+from vqwavenet import Codec, DecodeRequest
 from vqwavenet.primer import write_primer
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"

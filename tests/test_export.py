@@ -23,7 +23,7 @@ from export.onnx_export import (
 from model.autoencoder import Autoencoder, Windows
 from model.config import load_model_config, to_dict
 from model.decoder_step import DecoderStep
-from vqwavenet.codec import Codec
+from vqwavenet import Codec
 
 DATA = Path(__file__).parent / "data"
 

@@ -131,6 +131,21 @@ def save_wav(path: str | os.PathLike | BinaryIO, wave: np.ndarray, sr: int) -> N
     sf.write(path, to_int16(wave), int(sr), subtype="PCM_16", format="WAV")
 
 
+def mulaw_encode(x: np.ndarray, q: int = 256) -> np.ndarray:
+    """Waveform in [-1, 1] -> classes in [0, q) (float32 arithmetic, as `model.mulaw`)."""
+    mu = q - 1
+    x = np.asarray(x, dtype=np.float32)
+    y = np.sign(x) * np.log1p(mu * np.minimum(np.abs(x), 1.0)) / np.float32(math.log1p(mu))
+    return np.clip(np.floor((y + 1) / 2 * mu + 0.5), 0, mu).astype(np.int64)
+
+
+def mulaw_decode(c: np.ndarray, q: int = 256) -> np.ndarray:
+    """Classes -> waveform in [-1, 1] (float32)."""
+    mu = q - 1
+    y = 2 * np.asarray(c, dtype=np.float64) / mu - 1
+    return (np.sign(y) * ((1 + mu) ** np.abs(y) - 1) / mu).astype(np.float32)
+
+
 def _check_rate(sr, what: str) -> int:
     if isinstance(sr, bool) or not isinstance(sr, int | np.integer):
         if not (isinstance(sr, float | np.floating) and math.isfinite(sr) and sr == int(sr)):
