@@ -56,8 +56,8 @@ import torch
 
 from export.onnx_export import export_model
 from model.autoencoder import Autoencoder
-from model.config import load_model_config
 from model.decoder_step import DecoderStep
+from training.config import load_model_config
 from vqwavenet import Codec, DecodeRequest
 from vqwavenet.primer import write_primer
 

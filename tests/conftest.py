@@ -27,7 +27,8 @@ def app_model_dir(tmp_path_factory) -> Path:
 
     from export.__main__ import main as export_main
     from model.autoencoder import Autoencoder
-    from model.config import load_model_config, to_dict
+    from model.config import to_dict
+    from training.config import load_model_config
 
     root = tmp_path_factory.mktemp("app_model")
     torch.manual_seed(0)

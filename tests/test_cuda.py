@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from model.autoencoder import Autoencoder
-from model.config import load_model_config
 from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
 from tests.test_decoder import check_low_precision_sums, check_segment_sum
@@ -34,6 +33,7 @@ from tests.test_train import (
 )
 from training import checkpoint as ckpt_io
 from training import train as train_mod
+from training.config import load_model_config
 from training.data import Loader
 from training.dataset import Dataset
 from training.invariance import CONTROL_FLOOR, TOLERANCE, Case, must_fail, prepare, run_case

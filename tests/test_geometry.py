@@ -20,9 +20,10 @@ import torch
 
 from model import mulaw
 from model.autoencoder import Autoencoder
-from model.config import ModelConfig, load_model_config
+from model.config import ModelConfig
 from model.geometry import CodecGeometry, Conv, Upsample, exact, hull
 from model.jitter import jitter_offsets
+from training.config import load_model_config
 from training.invariance import narrow
 from training.windows import Utterance, WindowSpec, make_batch
 

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import load_model_config
+from training.config import load_model_config
 from training.invariance import (
     CONTROL_FLOOR,
     TOLERANCE,
