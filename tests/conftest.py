@@ -168,6 +168,11 @@ def app_inputs(tmp_path_factory, app_model_dir):
         odd[f"rate{rate}"] = (odd_dir / f"rate{rate}.wav", False)
     sf.write(odd_dir / "stereo.wav", np.stack([pcm, pcm], 1), sr, subtype="PCM_16")
     odd["stereo"] = (odd_dir / "stereo.wav", True)
+    sf.write(odd_dir / "silence.wav", np.zeros(4800, np.int16), sr, subtype="PCM_16")
+    odd["silence"] = (odd_dir / "silence.wav", False)  # silence is audio too
+    hiss = np.random.default_rng(0).integers(-2, 3, 4800).astype(np.int16)
+    sf.write(odd_dir / "near_silence.wav", hiss, sr, subtype="PCM_16")
+    odd["near_silence"] = (odd_dir / "near_silence.wav", False)
     y = soxr.resample(np.stack([x, 0.5 * x], 1), sr, 44100)  # unequal channels, FLAC
     sf.write(odd_dir / "stereo44k.flac", y, 44100, subtype="PCM_16")
     odd["stereo44k_flac"] = (odd_dir / "stereo44k.flac", False)
@@ -183,7 +188,6 @@ def app_inputs(tmp_path_factory, app_model_dir):
     add("not_audio.wav", "not audio").write_text("this is text, not a recording\n")
     add("empty.wav", "empty").write_bytes(b"")
     sf.write(add("zero_length.wav", "empty"), np.zeros(0, np.int16), sr, subtype="PCM_16")
-    sf.write(add("silence.wav", "silence"), np.zeros(4800, np.int16), sr, subtype="PCM_16")
     nan = x.astype(np.float32).copy()
     nan[100] = np.nan
     sf.write(add("nan.wav", "NaN"), nan, sr, subtype="FLOAT")

@@ -276,9 +276,9 @@ class Codec:
     def to_model_rate(self, wav: np.ndarray, sr: int | None = None) -> np.ndarray:
         """Mono float32 in [-1, 1] at the model's rate from ``[n]`` or ``[n, channels]`` at
         ``sr`` (default: the model's; integer PCM is scaled): `vqwavenet.audio.load_audio`'s
-        checks and conversion, silence allowed. Raises `AudioError` (a ``ValueError``)."""
+        checks and conversion. Raises `AudioError` (a ``ValueError``)."""
         sr = self.sample_rate if sr is None else sr
-        return load_audio((sr, np.asarray(wav)), self.sample_rate, None, allow_silence=True)
+        return load_audio((sr, np.asarray(wav)), self.sample_rate, None)
 
     def speaker_index(self, speaker: int | str) -> int:
         if isinstance(speaker, str) and not speaker.isdigit():
