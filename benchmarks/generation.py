@@ -36,7 +36,7 @@ run with the same thread count (numpy, ``--threads`` threads). The warm-up steps
 segments count against the engine (wall time over delivered samples).
 
 Output: one JSON line per measurement, then a markdown table. Machines shared with other jobs
-give noisy absolute numbers; ratios measured in one run are what count (DESIGN.md).
+give noisy absolute numbers; ratios measured in one run are what count (docs/DESIGN.md).
 """
 
 from __future__ import annotations

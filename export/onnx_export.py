@@ -260,13 +260,12 @@ HEAD_WEIGHTS = ("head1_w", "head2_w")
 
 def quantize_int8(model: Autoencoder, step: DecoderStep, out: Path) -> None:
     """Dynamically quantised (int8 weights, per-call activation scales) copies of the step and
-    the warm-up (2.5x faster at `default`). The step is quantised from its unfused form.
+    the warm-up, which run faster. The step is quantised from its unfused form.
 
     The output head stays fp32: its inputs are quantised with one scale per call, and its
-    products turn them straight into logits. Quantised, the head cost the bundled model (small,
-    7800 steps) almost all of its 0.019 nats/sample int8 increase; kept fp32, the increase is
-    0.0004 (0.0002 with `DecoderStep.layers`' one product per layer), for 3.4 % of the step's
-    multiply-adds at ``small`` (1.7 % at ``default``)."""
+    products turn them straight into logits, so quantising it cost far more cross-entropy than
+    all the other layers together, for a small share of the step's multiply-adds (the export
+    prints the int8 cost; ``benchmarks/README.md`` has the history)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -166,12 +166,10 @@ class DecoderStep(nn.Module):
         Args:
             past: ``L * (k-1)`` tensors ``[B, R]``, layer-major, oldest tap first.
             cond: ``L`` tensors ``[B, 2G]``.
-            fused: accumulate into the products (``addmm``, one ONNX ``Gemm`` each, 10-20 %
-                faster in fp32). Off for the graph that onnxruntime quantises, which only
-                quantises ``MatMul``: there each layer's taps and current input are
-                concatenated into one product, which saves a quantised product and a sum per
-                layer (the int8 step of ``small`` ran 3-10 % faster at 32-128 rows; the same
-                at ``default``).
+            fused: accumulate into the products (``addmm``, one ONNX ``Gemm`` each, faster
+                in fp32). Off for the graph that onnxruntime quantises, which only quantises
+                ``MatMul``: there each layer's taps and current input are concatenated into
+                one product, which saves a quantised product and a sum per layer.
 
         Returns:
             ``(sample [B], logits [B, Q], current)``, ``current`` being ``L`` tensors

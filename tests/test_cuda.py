@@ -54,8 +54,8 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", [Case(1, 3, False), Case(17, 1, True), Case(55, 8, True)])
 def test_batch_invariance_holds_on_cuda_in_float64(case):
-    """DESIGN.md's proof on the GPU: cuDNN's convolutions, the decoder's segment sums and CUDA's
-    atomic adds elsewhere (slot routing, quantiser statistics) keep the
+    """The invariance proof (docs/DESIGN.md) on the GPU: cuDNN's convolutions, the decoder's
+    segment sums and CUDA's atomic adds elsewhere (slot routing, quantiser statistics) keep the
     batched gradient equal to the mean of per-prediction ones, and the naive loss still fails."""
     model = prepare(load_model_config("tiny"), width=8, jitter=0.5, device="cuda")
     controls = ("naive",) if must_fail(case, TINY_HOP, "naive") else ()

@@ -192,7 +192,7 @@ def test_logits_depend_on_exactly_the_slot_range_at_every_phase(seed):
 
 
 def test_jittered_logits_depend_on_the_jittered_frames_of_their_slots():
-    """pi(k) = clamp(k + delta_k, 0, F - 1) (DESIGN.md), over a whole short utterance so that
+    """pi(k) = clamp(k + delta_k, 0, F - 1) (docs/DESIGN.md), over a whole short utterance so that
     the clamp at both ends is exercised."""
     model = build(widened("tiny"), 3).train()
     model.cfg.decoder.jitter_probability = 0.5

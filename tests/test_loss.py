@@ -1,4 +1,4 @@
-"""The commitment weights autograd gives each frame, against DESIGN.md's closed formula."""
+"""The commitment weights autograd gives each frame, against docs/DESIGN.md's closed formula."""
 
 import copy
 

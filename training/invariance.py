@@ -293,7 +293,7 @@ REAL_GEOMETRY_HOP = 64
 
 
 def cases_for(hop: int) -> list[Case]:
-    """DESIGN.md's grid for small strides. At a real stride each single-prediction pass covers
+    """docs/DESIGN.md's grid for small strides. At a real stride each single-prediction pass covers
     the 2047-sample field, so the grid is cut to N in {1, 2, S+1} at phases {0, S/2} (the test
     suite adds N = 700 with jitter)."""
     if hop >= REAL_GEOMETRY_HOP:
@@ -306,7 +306,7 @@ def cases_for(hop: int) -> list[Case]:
 
 
 def must_fail(case: Case, hop: int, control: str) -> bool:
-    """Where DESIGN.md says a control must fail (it may coincide with ours elsewhere)."""
+    """Where docs/DESIGN.md says a control must fail (it may coincide with ours elsewhere)."""
     if case.n <= hop:
         return False
     return control != "window_jitter" or case.jitter

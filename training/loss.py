@@ -5,7 +5,7 @@ of ``d[pi(k)]`` over the slots ``k in [lo(t), hi(t)]`` that reach t. The per-fra
 routed through the same jitter gather as the decoder's conditioning (a frame used twice counts
 twice) and averaged per prediction with a prefix sum; the batch loss is the sum over valid
 predictions divided by the caller's count (the all-reduced count of the whole optimiser step).
-Autograd then weights each frame by exactly its use (DESIGN.md, "The heart").
+Autograd then weights each frame by exactly its use (docs/DESIGN.md, "The heart").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 -m training.train --config default --data D --out runs/big
 
 One optimiser step = ``accumulation`` micro-batches of ``windows`` windows of N consecutive
-predictions per rank. The loss contract (DESIGN.md, "The heart"): the valid predictions of all
+predictions per rank. The loss contract (docs/DESIGN.md, "The heart"): the valid predictions of all
 micro-batches on all ranks are counted and all-reduced before the forward passes, and every
 micro-batch's loss is its sum over predictions divided by that global count. DDP averages
 gradients over ranks, so each rank's loss is scaled by the world size; the EMA codebook
