@@ -10,10 +10,13 @@ APT_PACKAGES := chromium asterisk-core-sounds-en-g722 asterisk-core-sounds-en $(
 
 .PHONY: app test lint format system app-system apt data clean
 
-$(STAMP): requirements.txt
+# requirements.txt pins the development set (the torch pair included); the project itself is
+# installed editable on top, so the venv has the `vqwavenet` command.
+$(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # Debian packages the tests use (browser tests, a real-speech corpus check, the English
@@ -44,4 +47,4 @@ app: $(STAMP) app-system
 	$(PY) -m app --host 127.0.0.1 --port 7860
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

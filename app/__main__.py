@@ -1,6 +1,6 @@
 """The web app: encode speech to codes, decode codes, resynthesise in any speaker's voice.
 
-    python -m app [--model models/bundled] [--host 127.0.0.1] [--port 7860]
+    python -m app [--model vqwavenet/models/bundled] [--host 127.0.0.1] [--port 7860]
 
 Runs on the onnxruntime engine (no torch). Requests wait in a queue and at most
 ``--concurrency`` run at once; uploads over ``--max-file-size`` are refused by the server and

@@ -21,10 +21,10 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
-from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, InputError, ModelLoadError
-from export.audio import save_wav
-from export.codes_file import SUFFIX
-from export.runtime import DecodeRequest
+from app.service import DEFAULT_MODEL, CodecService, InputError, ModelLoadError
+from vqwavenet import DecodeRequest
+from vqwavenet.audio import save_wav
+from vqwavenet.codes_file import SUFFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 OUTPUT_SUFFIX = {"encode": SUFFIX, "decode": ".decoded.wav", "resynth": ".resynth.wav"}
@@ -70,8 +70,9 @@ def get_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--max-seconds",
         type=float,
-        default=DEFAULT_MAX_SECONDS,
-        help="longest audio accepted (and longest a codes file may decode to), seconds",
+        default=None,
+        help="longest audio accepted (and longest a codes file may decode to), seconds; "
+        "default: no limit (encoding works in bounded chunks, decoding shows its progress)",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument(
@@ -337,7 +338,9 @@ def _with_bar(args, label: str, work):
 def main(argv=None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+    if args.max_seconds is not None and not (
+        math.isfinite(args.max_seconds) and args.max_seconds > 0
+    ):
         parser.error(f"--max-seconds must be a positive number, got {args.max_seconds}")
     if getattr(args, "seed", 0) < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")

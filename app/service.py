@@ -1,8 +1,8 @@
 """What the web app and the CLI do with a model, minus their user interfaces.
 
-`CodecService` wraps an exported model directory (`export.runtime.Codec`) with the checks a
-service facing users needs: audio goes through `export.audio.load_audio` (format, rate, channels,
-NaN, silence, duration limit), codes files through `export.codes_file.CodesFile.read` (magic,
+`CodecService` wraps an exported model directory (`vqwavenet.codec.Codec`) with the checks a
+service facing users needs: audio goes through `vqwavenet.audio.load_audio` (format, rate, channels,
+NaN, duration limit), codes files through `vqwavenet.codes_file.CodesFile.read` (magic,
 version, header, range) plus the checks only the model can make (same model, hop, rate,
 codebook, frames consistent with the sample count, speaker known, duration limit). Every refusal
 is an `InputError` (a ``ValueError``) whose message can be shown to the user as is.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from export.audio import AudioError, load_audio
-from export.codes_file import SUFFIX, CodesFile, CodesFileError, ModelRef
-from export.runtime import Codec, DecodeRequest, ModelDirError
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest, ModelDirError
+from vqwavenet.audio import AudioError, load_audio
+from vqwavenet.codes_file import SUFFIX, CodesFile, CodesFileError, ModelRef
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "bundled"
+DEFAULT_MODEL = BUNDLED_MODEL
 DEFAULT_MAX_SECONDS = 60.0
 
 Progress = Callable[[int, int], None]
@@ -51,7 +51,8 @@ class CodecService:
 
     Args:
         model_dir: an exported model directory (``python -m export``).
-        max_seconds: longest accepted audio, and longest audio a codes file may decode to.
+        max_seconds: longest accepted audio, and longest audio a codes file may decode to
+            (``None``: no limit, for the CLI; the web app keeps one).
         workers: generation threads of the engine (default: its own choice).
         int8: decode with the int8 graphs (``python -m export --int8``; faster, slightly
             less exact).
@@ -61,11 +62,11 @@ class CodecService:
         self,
         model_dir: str | os.PathLike = DEFAULT_MODEL,
         *,
-        max_seconds: float = DEFAULT_MAX_SECONDS,
+        max_seconds: float | None = DEFAULT_MAX_SECONDS,
         workers: int | None = None,
         int8: bool = False,
     ):
-        if not (math.isfinite(max_seconds) and max_seconds > 0):
+        if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
             raise ValueError(f"max_seconds must be a positive number, got {max_seconds}")
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "model.json").is_file():
@@ -79,7 +80,7 @@ class CodecService:
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
         except Exception as e:  # onnxruntime raises its own exception types on a bad graph
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
-        self.max_seconds = float(max_seconds)
+        self.max_seconds = None if max_seconds is None else float(max_seconds)
         self.model_ref = ModelRef(self.codec.model_id, self.codec.codes_hash)
 
     # --- facts about the model ----------------------------------------------------------------
@@ -144,8 +145,8 @@ class CodecService:
             raise InputError("no audio given: upload or record a recording first")
         try:
             return load_audio(source, self.sample_rate, max_seconds=self.max_seconds)
-        except AudioError as e:  # the hint at a Python argument means nothing to users here
-            raise InputError(str(e).replace(" (allow_silence=True accepts it)", "")) from None
+        except AudioError as e:
+            raise InputError(str(e)) from None
 
     def encode(self, source, speaker: int | str | None = None) -> Encoded:
         """Encode a recording; ``speaker`` is stored in the file as the default voice."""
@@ -191,7 +192,7 @@ class CodecService:
         ):
             if got != want:
                 raise InputError(f"codes file {what} is {got}, this model's is {want}")
-        if cf.duration > self.max_seconds:
+        if self.max_seconds is not None and cf.duration > self.max_seconds:
             raise InputError(
                 f"codes file decodes to {cf.duration:.1f} s of audio, over the "
                 f"{self.max_seconds:g} s limit"

@@ -35,7 +35,7 @@ from PIL import Image
 
 from app.pictures import codes_image, spectrogram_image
 from app.service import CodecService, InputError, codes_name
-from export.audio import save_wav
+from vqwavenet.audio import save_wav
 
 log = logging.getLogger(__name__)
 FROM_FILE = "(the file's speaker)"
@@ -44,6 +44,8 @@ CACHE_MAX_AGE_S = 3600
 # Output players: the browser's own <audio controls> (keyboard accessible, plays any length at
 # once) rather than a drawn waveform; the spectrogram pictures show the signal.
 PLAYER = {"waveform_options": gr.WaveformOptions(show_recording_waveform=False)}
+# Clips a first visit can try with one click (shipped with the package).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 
 class Scratch:
@@ -237,6 +239,7 @@ def build_demo(
         )
         if service.notice:
             gr.Markdown(f"**Note:** {service.notice}", elem_id="model-notice")
+        clips = example_clips(service)
         with gr.Tabs():
             with gr.Tab("Encode", id="encode"):
                 with gr.Row():
@@ -259,6 +262,8 @@ def build_demo(
                 enc_picture = gr.Image(
                     label="Code sequence (time ->, code index ^)", elem_id="encode-picture"
                 )
+                if clips:
+                    gr.Examples([[c, speakers[0]] for c in clips], [enc_audio, enc_speaker])
             with gr.Tab("Decode", id="decode"):
                 with gr.Row():
                     with gr.Column():
@@ -271,6 +276,11 @@ def build_demo(
                     with gr.Column():
                         dec_audio = _generated_player("Decoded speech", "decode-audio", stream)
                         dec_wav = gr.File(label="Decoded speech (.wav)", elem_id="decode-wav")
+                if clips:
+                    gr.Examples(
+                        [[example_codes(service, clips[0]), speakers[-1], 0]],
+                        [dec_file, dec_speaker, dec_seed],
+                    )
             with gr.Tab("Resynthesise", id="resynthesize"):
                 with gr.Row():
                     with gr.Column():
@@ -297,6 +307,10 @@ def build_demo(
                         res_out = _generated_player("Resynthesised", "resynth-output", stream)
                         res_out_spec = gr.Image(label="Resynthesised spectrogram")
                         res_wav = gr.File(label="Resynthesised (.wav)", elem_id="resynth-wav")
+                if clips:
+                    gr.Examples(
+                        [[c, speakers[-1], 0] for c in clips], [res_in, res_speaker, res_seed]
+                    )
 
         enc_button.click(
             encode,
@@ -319,6 +333,28 @@ def build_demo(
             show_progress_on=res_wav,  # not over the player while it plays
         )
     return demo
+
+
+def example_clips(service: CodecService) -> list[str]:
+    """The example clips the model accepts (within the deployment's length limit)."""
+    clips = []
+    for path in sorted(EXAMPLES_DIR.glob("*.wav")):
+        try:
+            service.load_audio(str(path))
+        except InputError:
+            continue
+        clips.append(str(path))
+    return clips
+
+
+def example_codes(service: CodecService, clip: str) -> str:
+    """The codes of ``clip`` for the Decode tab's example, written once per process into a
+    folder of its own (codes files belong to one model, so none is shipped)."""
+    folder = Path(tempfile.mkdtemp(prefix="vqwavenet-example-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / codes_name(Path(clip).name)
+    service.encode(clip).codes.write(path)
+    return str(path)
 
 
 def serve(
@@ -344,6 +380,7 @@ def serve(
         server_port=port,
         max_file_size=max_file_size,
         show_error=True,
+        allowed_paths=[str(EXAMPLES_DIR), *launch_kwargs.pop("allowed_paths", [])],
         prevent_thread_lock=not block,
         quiet=not block,
         **launch_kwargs,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime import Codec, DecodeRequest
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def time_decode(codec: Codec, req: DecodeRequest, streams_per_worker: int) -> fl
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "bundled")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     p.add_argument("--int8", action="store_true")
     p.add_argument("--seconds", type=float, nargs="+", default=[1, 2, 4, 6, 7.8, 8])
     p.add_argument("--reps", type=int, default=3)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 times[v].append(time_decode(c, req, p))
         for (c, p), t in zip(variants, times):
             c.streams_per_worker = p
-            segments = len(c._plan([req], None, None, None)[2][0].bounds)
+            segments = len(c.plan([req], None, None, None).folds[0].bounds)
             row = {
                 "seconds": seconds,
                 "segments": segments,

@@ -6,7 +6,7 @@
     python -m benchmarks.fold_quality --warmup exact       # the full zero-input warm-up
 
 The engine decodes a long file as segments generated side by side; each after the first starts
-from a state that is not the true past (the primer's speech, `export.primer`, or silence)
+from a state that is not the true past (the primer's speech, `vqwavenet.primer`, or silence)
 ``overlap`` samples before the point where it takes over, and the two are cross-faded there.
 Sampling gives no number to compare, so this measures the same schedule teacher-forced
 (`Codec.folded_nll`): the NLL of every true sample when its segment started that way, against
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from export.runtime import Codec
+from vqwavenet import BUNDLED_MODEL, Codec, folding
 
 ROOT = Path(__file__).resolve().parent.parent
 BINS = (0, 20, 80, 320, 1280, 5120)
@@ -47,7 +47,7 @@ def recovery(codec: Codec, waves, speaker, segment: int) -> list[dict]:
     folded = codec.folded_nll(waves, speaker, segment=segment, overlap=0, burn_in=0)
     sums, counts = np.zeros(len(BINS)), np.zeros(len(BINS))
     for x, f, w in zip(full, folded, waves):
-        for a, b in codec._segments(len(w), segment, 0)[1:]:
+        for a, b in folding.segments(len(w), segment, 0)[1:]:
             excess = (f[a:b] - x[a:b]).astype(np.float64)
             for i, lo in enumerate(BINS):
                 hi = BINS[i + 1] if i + 1 < len(BINS) else len(excess)
@@ -77,7 +77,7 @@ def cost(codec: Codec, waves, speaker, segment: int, overlap: int, burn_in: int 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0")
     p.add_argument("--warmup", choices=["primed", "steady", "exact"], help="default: the codec's")

@@ -8,10 +8,10 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
 * ``naive_torch``: `WaveNetDecoder.forward` over the whole receptive field for every sample
   (the textbook full recomputation), batch 1.
 * ``incremental_torch``: `model.decoder_step.DecoderStep` with ring buffers, batch 1.
-* ``onnx_batch1``: `export.runtime.Codec.decode` of 0.5 s without folding, one worker thread.
+* ``onnx_batch1``: `vqwavenet.codec.Codec.decode` of 0.5 s without folding, one worker thread.
 * ``onnx_folded_<W>w``: one file of ``--seconds`` folded into segments over W worker threads
   (``--workers``, and 1 for comparison in fp32), with the engine's defaults: eighth-second
-  segments, later ones started from the primer (`export.primer`, cut from a test clip as
+  segments, later ones started from the primer (`vqwavenet.primer`, cut from a test clip as
   ``python -m export`` does) with a 160-sample burn-in.
 * ``onnx_folded_<W>w_steady``: later segments started from silence, quarter-second with the
   960-sample burn-in that needs (``Codec(warmup="steady")``), the defaults from 2026-11-26
@@ -36,7 +36,7 @@ run with the same thread count (numpy, ``--threads`` threads). The warm-up steps
 segments count against the engine (wall time over delivered samples).
 
 Output: one JSON line per measurement, then a markdown table. Machines shared with other jobs
-give noisy absolute numbers; ratios measured in one run are what count (DESIGN.md).
+give noisy absolute numbers; ratios measured in one run are what count (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ import soundfile as sf
 import torch
 
 from export.onnx_export import export_model
-from export.primer import write_primer
-from export.runtime import Codec, DecodeRequest
 from model.autoencoder import Autoencoder
-from model.config import load_model_config
 from model.decoder_step import DecoderStep
+from training.config import load_model_config
+from vqwavenet import Codec, DecodeRequest
+from vqwavenet.primer import write_primer
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig, from_dict, load_toml
-from training.config import TrainConfig
+from model.config import ModelConfig, from_dict
+from training.config import TrainConfig, load_toml
 
 # Overrides of the base config: {"table.key": value}; "model.x" and "train.x" tables.
 CANDIDATES: dict[str, dict] = {

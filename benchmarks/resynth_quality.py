@@ -38,7 +38,7 @@ import soundfile as sf
 from pesq import PesqError, pesq
 from pystoi import stoi
 
-from export.runtime import Codec, DecodeRequest
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def summarise(label: dict, pairs: list[tuple[float, float]], base=None) -> dict:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0", help="voice of the resynthesis (the clips' own)")
     p.add_argument("--seeds", type=int, default=3, help="decodes per clip and setting")

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from export.runtime import Codec, DecodeRequest, mulaw_decode
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest
+from vqwavenet.audio import mulaw_decode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +38,9 @@ def segment_energy(
     n = len(wave)
     req = [DecodeRequest(codec.encode(wave), speaker, n, seed)]
     unfolded = codec.decode_many(req, segment=n + 1)[0].astype(np.float64)
-    streams, cond, (fold,) = codec._plan(req, segment, 0, 0)
-    outs = codec._run(streams, cond, None)
+    plan = codec.plan(req, segment, 0, 0)
+    (fold,) = plan.folds
+    outs = codec.engine.run(plan.streams, plan.cond, None)
     seg_sq, ref_sq, counts = np.zeros(bins), np.zeros(bins), np.zeros(bins)
     for k in range(1, len(fold.bounds)):
         g = fold.start(k)
@@ -53,7 +55,7 @@ def segment_energy(
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bundled"))
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--wav", action="append", help="clips (default: tests/data/*.wav)")
     p.add_argument("--speaker", default="0", help="voice of the decodes (the clips' own)")
     p.add_argument("--seed", type=int, default=0)

@@ -48,8 +48,8 @@ from torch import nn
 from tqdm import tqdm
 
 from model.autoencoder import Autoencoder, Windows
-from model.config import load_model_config
 from model.decoder import WaveNetDecoder
+from training.config import load_model_config
 from training.loss import batch_loss
 from training.windows import Utterance, WindowSpec, make_batch
 
@@ -210,7 +210,7 @@ class Runner:
         """One training step; returns the loss."""
         model = self.model
         out = model(self.wave, self.windows, self.n)
-        terms = batch_loss(out, model.cfg.quantizer.beta, self.count)
+        terms = batch_loss(out, self.count)
         terms.loss.backward()
         self.opt.step()
         model.quantizer.ema_update(generator=torch.Generator().manual_seed(self.seed))

@@ -36,8 +36,7 @@ import torch
 from tqdm import tqdm
 
 from model import decoder
-from model.config import load_model_config
-from training.config import load_train_config
+from training.config import load_model_config, load_train_config
 from training.dataset import Dataset
 from training.train import Trainer, set_deterministic
 

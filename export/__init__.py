@@ -1,1 +1,1 @@
-"""ONNX export (`export.onnx_export`, needs torch) and the torch-free engine (`export.runtime`)."""
+"""ONNX export of a trained checkpoint (needs torch); the engine that runs it is `vqwavenet`."""

@@ -4,7 +4,7 @@
 
 With ``--int8`` the teacher-forced cross-entropy of the fp32 and int8 decoder steps on held-out
 clips (``--eval-wav``, default the test clips) is printed. The primer that folded segments
-start from (`export.primer`) is cut from ``--primer-wav``, by default the first held-out clip.
+start from (`vqwavenet.primer`) is cut from ``--primer-wav``, by default the first held-out clip.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         )
     except ExportMismatch as e:
         return fatal(str(e))
-    from export.primer import write_primer
+    from vqwavenet.primer import write_primer
 
     try:
         wave = _load_waves([primer], model.cfg.features.sample_rate)[0]

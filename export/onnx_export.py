@@ -19,7 +19,7 @@ Graphs (dynamic batch and length axes, exported with a batch of 2):
   ``Gemm``; the output head stays fp32); the export prints its teacher-forced cross-entropy
   against fp32 on held-out clips.
 
-``model.json`` holds the resolved model config, the geometry's layer specs (the runtime rebuilds
+``model.json`` holds the resolved model config, the geometry's layer specs (the engine rebuilds
 `CodecGeometry` from them), sample rate, hop, K, speakers, the sha256 of every file and a model
 id. After writing, every graph is run with onnxruntime and compared with PyTorch; a mismatch
 raises `ExportMismatch`.
@@ -28,10 +28,7 @@ raises `ExportMismatch`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -41,18 +38,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.runtime import FORMAT, VERSION, step_names
-from export.runtime import file_sha256 as sha256
 from model.autoencoder import Autoencoder
 from model.config import ModelConfig, from_dict, to_dict
 from model.decoder_step import DecoderStep
-from model.geometry import CodecGeometry
+from vqwavenet.model_dir import (
+    CONDITIONER_FILE,
+    ENCODER_FILE,
+    FORMAT,
+    GRAPH_FILES,
+    INT8_FILES,
+    STEP_FILE,
+    VERSION,
+    WARMUP_FILE,
+    StepSpec,
+    geometry_spec,
+    model_id,
+    step_names,
+    write_meta,
+)
+from vqwavenet.model_dir import file_sha256 as sha256
 
-FILES = ("encoder.onnx", "conditioner.onnx", "decoder_step.onnx", "decoder_warmup.onnx")
-INT8_FILES = {
-    "decoder_step.onnx": "decoder_step.int8.onnx",
-    "decoder_warmup.onnx": "decoder_warmup.int8.onnx",
-}
 OPSET = 20
 TIE = 1e-5  # float32 distance ties below which two codes may legitimately differ
 TOLERANCE = 1e-4
@@ -134,20 +139,6 @@ def load_checkpoint(path: str | Path) -> tuple[Autoencoder, list[str], dict]:
     n = model.cfg.decoder.n_speakers
     speakers = list(ckpt.get("speakers") or [f"speaker{i}" for i in range(n)])
     return model.eval(), speakers, ckpt
-
-
-def layer_spec(layer) -> dict:
-    return {"type": type(layer).__name__, **dataclasses.asdict(layer)}
-
-
-def geometry_spec(geo: CodecGeometry) -> dict:
-    """Layer specs from which `export.runtime` rebuilds the same `CodecGeometry`."""
-    return {
-        "encoder": [layer_spec(x) for x in geo.encoder],
-        "conditioning": [layer_spec(x) for x in geo.conditioning],
-        "wavenet": [layer_spec(x) for x in geo.wavenet],
-        "ar_input": layer_spec(geo.ar_input),
-    }
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -237,7 +228,7 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
     _export(
         EncoderGraph(model),
         (wave,),
-        out / FILES[0],
+        out / ENCODER_FILE,
         ["wave"],
         ["codes"],
         {"wave": {0: "batch", 1: "samples"}, "codes": {0: "batch", 1: "frames"}},
@@ -245,17 +236,17 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
     _export(
         ConditionerGraph(model, step),
         cond_args,
-        out / FILES[1],
+        out / CONDITIONER_FILE,
         ["codes", "speaker"],
         ["cond"],
         {"codes": {0: "batch", 1: "frames"}, "speaker": batch, "cond": {0: "batch", 2: "slots"}},
     )
-    export_step(step, step_args, out / FILES[2], fused=True)
+    export_step(step, step_args, out / STEP_FILE, fused=True)
     steps = {0: "batch", 1: "steps"}
     _export(
         WarmGraph(step),
         warm_args,
-        out / FILES[3],
+        out / WARMUP_FILE,
         ["prev", "cond", "index"],
         ["state"],
         {"prev": steps, "cond": {0: "batch", 1: "frames"}, "index": steps, "state": batch},
@@ -269,20 +260,19 @@ HEAD_WEIGHTS = ("head1_w", "head2_w")
 
 def quantize_int8(model: Autoencoder, step: DecoderStep, out: Path) -> None:
     """Dynamically quantised (int8 weights, per-call activation scales) copies of the step and
-    the warm-up (2.5x faster at `default`). The step is quantised from its unfused form.
+    the warm-up, which run faster. The step is quantised from its unfused form.
 
     The output head stays fp32: its inputs are quantised with one scale per call, and its
-    products turn them straight into logits. Quantised, the head cost the bundled model (small,
-    7800 steps) almost all of its 0.019 nats/sample int8 increase; kept fp32, the increase is
-    0.0004 (0.0002 with `DecoderStep.layers`' one product per layer), for 3.4 % of the step's
-    multiply-adds at ``small`` (1.7 % at ``default``)."""
+    products turn them straight into logits, so quantising it cost far more cross-entropy than
+    all the other layers together, for a small share of the step's multiply-adds (the export
+    prints the int8 cost; ``benchmarks/README.md`` has the history)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        unfused = Path(tmp) / FILES[2]
+        unfused = Path(tmp) / STEP_FILE
         export_step(step, example_inputs(model, step)[2], unfused, fused=False)
-        sources = {FILES[2]: unfused, FILES[3]: out / FILES[3]}
-        keep = {FILES[2]: head_products(unfused), FILES[3]: []}
+        sources = {STEP_FILE: unfused, WARMUP_FILE: out / WARMUP_FILE}
+        keep = {STEP_FILE: head_products(unfused), WARMUP_FILE: []}
         for fp32, int8 in INT8_FILES.items():
             with _quiet():
                 quantize_dynamic(
@@ -317,17 +307,22 @@ def head_products(path: Path) -> list[str]:
 
 def write_metadata(model: Autoencoder, speakers: list[str], out: Path, extra: dict) -> dict:
     cfg = model.cfg
-    files = [f for f in (*FILES, *INT8_FILES.values()) if (out / f).is_file()]
+    files = [f for f in (*GRAPH_FILES, *INT8_FILES.values()) if (out / f).is_file()]
     hashes = {f: sha256(out / f) for f in files}
     config = to_dict(cfg)
-    model_id = hashlib.sha256(
-        json.dumps({"config": config, "files": hashes}, sort_keys=True).encode()
-    ).hexdigest()[:16]
     step = DecoderStep(model.decoder)
+    spec = StepSpec(
+        n_layers=step.n_layers,
+        kernel_size=step.kernel,
+        dilations=tuple(step.dilations),
+        residual_channels=step.residual_channels,
+        gate_channels=step.gate,
+        cond_kernel=cfg.decoder.cond_kernel,
+    )
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model_id": model_id,
+        "model_id": model_id(config, hashes),
         "sample_rate": cfg.features.sample_rate,
         "hop": model.geometry.hop,
         "codebook_size": cfg.quantizer.codebook_size,
@@ -335,18 +330,11 @@ def write_metadata(model: Autoencoder, speakers: list[str], out: Path, extra: di
         "speakers": speakers,
         "model_config": config,
         "geometry": geometry_spec(model.geometry),
-        "decoder_step": {
-            "n_layers": step.n_layers,
-            "kernel_size": step.kernel,
-            "dilations": step.dilations,
-            "residual_channels": step.residual_channels,
-            "gate_channels": step.gate,
-            "cond_kernel": cfg.decoder.cond_kernel,
-        },
+        "decoder_step": spec.to_meta(),
         "files": hashes,
         **extra,
     }
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta(out, meta)
     return meta
 
 
@@ -382,16 +370,18 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
     Returns the measured errors; raises `ExportMismatch` beyond the tolerances."""
     wave, (codes, speaker), step_args, warm_args = example_inputs(model, step, batch, frames=17)
     errors = {}
-    enc = _session(out / FILES[0]).run(None, {"wave": wave.numpy()})[0]
+    enc = _session(out / ENCODER_FILE).run(None, {"wave": wave.numpy()})[0]
     errors["encoder_code_mismatches"] = code_mismatches(model, wave, enc)
     with torch.no_grad():
         ref_cond = ConditionerGraph(model, step)(codes, speaker)
         ref = step(*step_args)
         ref_warm = step.warm(*warm_args)
-    cond = _session(out / FILES[1]).run(None, {"codes": codes.numpy(), "speaker": speaker.numpy()})
+    cond = _session(out / CONDITIONER_FILE).run(
+        None, {"codes": codes.numpy(), "speaker": speaker.numpy()}
+    )
     errors["conditioner_max_abs"] = _max_err(cond[0], ref_cond)
     feeds = step_feeds(step, *step_args)
-    sample, logits, *current = _session(out / FILES[2]).run(None, feeds)
+    sample, logits, *current = _session(out / STEP_FILE).run(None, feeds)
     errors["step_logits_max_abs"] = _max_err(logits, ref.logits)
     errors["step_current_max_abs"] = _max_err(np.concatenate(current, 1), ref.current)
     # The class may differ only where the noise sits on a CDF boundary within tolerance.
@@ -399,7 +389,7 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
     near = (cdf - step_args[3].double()[:, None]).abs().min(1).values < TOLERANCE
     errors["step_sample_mismatches"] = int(((sample != ref.sample.numpy()) & ~near.numpy()).sum())
     feeds = {k: v.numpy() for k, v in zip(("prev", "cond", "index"), warm_args)}
-    state = _session(out / FILES[3]).run(None, feeds)[0]
+    state = _session(out / WARMUP_FILE).run(None, feeds)[0]
     errors["warmup_state_max_abs"] = _max_err(state, ref_warm)
     bad = [
         k
@@ -416,7 +406,7 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
 
 def int8_quality(out: Path, waves: list[np.ndarray], max_samples: int = 8000) -> dict:
     """Teacher-forced cross-entropy (nats/sample) of fp32 and int8 steps on held-out clips."""
-    from export.runtime import Codec
+    from vqwavenet import Codec
 
     waves = [w[:max_samples] for w in waves]
     result = {}
@@ -457,5 +447,5 @@ def export_model(
     meta = write_metadata(model, speakers, out, extra)
     if int8 and quality_waves:
         meta["int8_quality"] = int8_quality(out, quality_waves, quality_samples)
-        (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(out, meta)
     return meta

@@ -1,4 +1,5 @@
-"""Model settings as dataclasses; TOML files override the defaults (a Chorowski-size model).
+"""Model settings as dataclasses; TOML files override the defaults (a Chorowski-size model),
+read by `training.config`.
 
 Unknown keys and wrong types are rejected, so a typo in a config never silently trains the
 wrong model. `to_dict` gives the resolved config that travels with checkpoints and exports.
@@ -7,12 +8,8 @@ wrong model. `to_dict` gives the resolved config that travels with checkpoints a
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -136,25 +133,3 @@ def from_dict(cls, data: dict, where: str = ""):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def resolve_path(name_or_path: str | Path) -> Path:
-    """A config name (``tiny``, ``small``, ``default``) or a path to a TOML file."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = CONFIG_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-        raise FileNotFoundError(f"no config {name_or_path!r} (known: {known})")
-    return path
-
-
-def load_toml(name_or_path: str | Path) -> dict:
-    with open(resolve_path(name_or_path), "rb") as f:
-        return tomllib.load(f)
-
-
-def load_model_config(name_or_path: str | Path) -> ModelConfig:
-    """The ``[model]`` table of a config file, over the defaults."""
-    data = load_toml(name_or_path)
-    return from_dict(ModelConfig, data.get("model", {}), "model").validate()

@@ -2,11 +2,11 @@
 
 Conditioning is projected for every layer at once at the slot rate (50 Hz) and gathered per
 sample, 320x cheaper than projecting an upsampled full-rate tensor; the gather is the
-upsampling-by-repetition of DESIGN.md (its backward sums runs of equal indices with
-``segment_reduce``: faster than the gather's own ``scatter_add`` on CUDA and on 2 CPU cores,
-deterministic, and without Inductor's slow kernels for it; README, "Benchmarks"). The last
-layer has no residual projection (its output would be unused, and every parameter must receive
-gradient for DDP).
+upsampling-by-repetition of docs/DESIGN.md (its backward sums runs of equal indices with
+``segment_reduce``: faster than the gather's own ``scatter_add``, deterministic, and without
+Inductor's slow kernels for it; ``benchmarks/gather_backward.py``). The last layer has no
+residual projection (its output would be unused, and every parameter must receive gradient for
+DDP).
 """
 
 from __future__ import annotations

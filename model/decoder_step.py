@@ -5,7 +5,7 @@ the newest column. Layer ``i`` at time ``tau`` reads its input at ``tau - j * d_
 (``j < kernel``), so the caller keeps, per layer, a ring buffer of its last ``(kernel-1) * d_i``
 inputs and passes the ``kernel - 1`` older taps as ``past``; this module returns the current
 inputs (``current``) to push into those rings. Ring buffers and sampling noise live outside
-(numpy in `export.runtime`), so this module exports to ONNX as one small graph and runs seeded.
+(numpy in `vqwavenet.codec`), so this module exports to ONNX as one small graph and runs seeded.
 
 The weights are a snapshot of the decoder's, rearranged for row-vector products (one GEMM per
 layer and tap, one for every layer's skip at once): rebuild after training.
@@ -166,12 +166,10 @@ class DecoderStep(nn.Module):
         Args:
             past: ``L * (k-1)`` tensors ``[B, R]``, layer-major, oldest tap first.
             cond: ``L`` tensors ``[B, 2G]``.
-            fused: accumulate into the products (``addmm``, one ONNX ``Gemm`` each, 10-20 %
-                faster in fp32). Off for the graph that onnxruntime quantises, which only
-                quantises ``MatMul``: there each layer's taps and current input are
-                concatenated into one product, which saves a quantised product and a sum per
-                layer (the int8 step of ``small`` ran 3-10 % faster at 32-128 rows; the same
-                at ``default``).
+            fused: accumulate into the products (``addmm``, one ONNX ``Gemm`` each, faster
+                in fp32). Off for the graph that onnxruntime quantises, which only quantises
+                ``MatMul``: there each layer's taps and current input are concatenated into
+                one product, which saves a quantised product and a sum per layer.
 
         Returns:
             ``(sample [B], logits [B, Q], current)``, ``current`` being ``L`` tensors

@@ -28,12 +28,15 @@ class QuantizerOutput:
         codes: nearest codebook index ``[B, F]``.
         commitment: ``d[j]`` = reduce over D of ``(z_e - sg(e))^2``, ``[B, F]``.
         codebook: ``reduce over D of (sg(z_e) - e)^2`` when the codebook learns by gradient.
+        beta: the commitment weight (``QuantizerConfig.beta``): the loss weights
+            ``commitment`` by it and the EMA hook divides it out again, so both read it here.
     """
 
     quantized: torch.Tensor
     codes: torch.Tensor
     commitment: torch.Tensor
     codebook: torch.Tensor | None
+    beta: float
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,7 @@ class VectorQuantizer(nn.Module):
             quantized = z + (e - z).detach()
             commitment = self._reduce((z - e.detach()) ** 2)
             codebook = None if self.ema else self._reduce((z.detach() - e) ** 2)
-        return QuantizerOutput(quantized, codes, commitment, codebook)
+        return QuantizerOutput(quantized, codes, commitment, codebook, self.cfg.beta)
 
     # Eager: under torch.compile (torch 2.11) the hook becomes part of the compiled backward,
     # which may not set this module's attributes, and filling a tensor made in the forward
@@ -99,7 +102,7 @@ class VectorQuantizer(nn.Module):
         d = out.commitment
         if not (self.ema and self.training and d.requires_grad):
             return
-        beta = self.cfg.beta
+        beta = out.beta
         flat_z = z.detach().reshape(-1, z.shape[-1]).to(d.dtype)
         flat_codes = out.codes.reshape(-1)
 

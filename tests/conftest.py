@@ -27,7 +27,8 @@ def app_model_dir(tmp_path_factory) -> Path:
 
     from export.__main__ import main as export_main
     from model.autoencoder import Autoencoder
-    from model.config import load_model_config, to_dict
+    from model.config import to_dict
+    from training.config import load_model_config
 
     root = tmp_path_factory.mktemp("app_model")
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ CLIP = DATA / "activated.wav"
 
 def write_codes(path: Path, cf, **changes) -> Path:
     """Write ``cf`` with header fields replaced (bypassing validation, to make bad files)."""
-    from export.codes_file import CodesFile
+    from vqwavenet.codes_file import CodesFile
 
     fields = {
         k: getattr(cf, k)
@@ -167,6 +168,11 @@ def app_inputs(tmp_path_factory, app_model_dir):
         odd[f"rate{rate}"] = (odd_dir / f"rate{rate}.wav", False)
     sf.write(odd_dir / "stereo.wav", np.stack([pcm, pcm], 1), sr, subtype="PCM_16")
     odd["stereo"] = (odd_dir / "stereo.wav", True)
+    sf.write(odd_dir / "silence.wav", np.zeros(4800, np.int16), sr, subtype="PCM_16")
+    odd["silence"] = (odd_dir / "silence.wav", False)  # silence is audio too
+    hiss = np.random.default_rng(0).integers(-2, 3, 4800).astype(np.int16)
+    sf.write(odd_dir / "near_silence.wav", hiss, sr, subtype="PCM_16")
+    odd["near_silence"] = (odd_dir / "near_silence.wav", False)
     y = soxr.resample(np.stack([x, 0.5 * x], 1), sr, 44100)  # unequal channels, FLAC
     sf.write(odd_dir / "stereo44k.flac", y, 44100, subtype="PCM_16")
     odd["stereo44k_flac"] = (odd_dir / "stereo44k.flac", False)
@@ -182,7 +188,6 @@ def app_inputs(tmp_path_factory, app_model_dir):
     add("not_audio.wav", "not audio").write_text("this is text, not a recording\n")
     add("empty.wav", "empty").write_bytes(b"")
     sf.write(add("zero_length.wav", "empty"), np.zeros(0, np.int16), sr, subtype="PCM_16")
-    sf.write(add("silence.wav", "silence"), np.zeros(4800, np.int16), sr, subtype="PCM_16")
     nan = x.astype(np.float32).copy()
     nan[100] = np.nan
     sf.write(add("nan.wav", "NaN"), nan, sr, subtype="FLOAT")

@@ -24,9 +24,9 @@ from gradio_client.utils import Status
 
 from app.__main__ import main as app_main
 from app.pictures import codes_image, spectrogram_image
-from export.audio import to_int16
-from export.codes_file import CodesFile
 from tests.conftest import APP_MAX_FILE_SIZE, DATA, free_port
+from vqwavenet.audio import to_int16
+from vqwavenet.codes_file import CodesFile
 
 ROOT = Path(__file__).resolve().parent.parent
 # Gradio's queue calls pandas APIs that pandas 3 deprecates: its noise, not ours.
@@ -386,3 +386,21 @@ def test_spectrogram_picture_shows_a_tone_at_its_frequency():
     image = spectrogram_image(tone, sr, height=200)  # 0..8 kHz bottom to top
     row = int(np.argmax(image.astype(float).sum(-1).mean(1)))
     assert abs((199 - row) / 200 * sr / 2 - hz) < 100
+
+
+def test_each_tab_offers_bundled_examples(app_model_dir):
+    """The Encode and Resynthesise tabs offer the shipped clips, the Decode tab their codes
+    (written for this model), so a first visit can try each with one click."""
+    import gradio as gr
+
+    from app.service import CodecService
+    from app.ui import EXAMPLES_DIR, build_demo
+
+    service = CodecService(app_model_dir, max_seconds=60)
+    demo = build_demo(service, stream=False)
+    datasets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
+    assert len(datasets) == 3
+    clips = sorted(str(p) for p in EXAMPLES_DIR.glob("*.wav"))
+    assert len(clips) >= 2
+    codes = datasets[1].raw_samples[0][0]
+    assert CodesFile.read(codes).model_id == service.model_ref.model_id

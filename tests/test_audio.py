@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from export.audio import AudioError, load_audio, save_wav, to_int16
+from vqwavenet.audio import AudioError, load_audio, save_wav, to_int16
 
 DATA = Path(__file__).resolve().parent / "data"
 FREQ = 440.0
@@ -217,24 +217,17 @@ def test_load_audio_rejects_audio_over_the_duration_limit(tmp_path):
     assert len(load_audio(path, max_seconds=None)) == 16000 * 61.5
 
 
-def test_load_audio_rejects_digital_silence_unless_allowed(tmp_path):
-    path = write(tmp_path / "silence.wav", np.zeros(8000), 8000)
-    with pytest.raises(AudioError, match=r"silence\.wav: audio is pure digital silence"):
-        load_audio(path)
-    with pytest.raises(AudioError, match="pure digital silence.*allow_silence=True"):
-        load_audio((16000, np.full(500, 128, np.uint8)))  # unsigned 8-bit zero
-    silent = load_audio(path, allow_silence=True)
+def test_load_audio_accepts_silence(tmp_path):
+    """Silence is audio: digital silence, unsigned 8-bit zero and channels that cancel out
+    load as zeros; one LSB stays one LSB."""
+    silent = load_audio(write(tmp_path / "silence.wav", np.zeros(8000), 8000))
     assert silent.shape == (16000,) and not silent.any()
-    quiet = np.zeros(16000)
-    quiet[5000] = 1 / 32768  # one LSB is not digital silence
-    assert load_audio((16000, quiet)).any()
-
-
-def test_load_audio_rejects_channels_that_cancel_out():
+    assert not load_audio((16000, np.full(500, 128, np.uint8))).any()  # unsigned 8-bit zero
     stereo = np.stack([sine(16000), -sine(16000)], axis=1)
-    with pytest.raises(AudioError, match="mixes down to digital silence: its channels cancel out"):
-        load_audio((16000, stereo))
-    assert not load_audio((16000, stereo), allow_silence=True).any()
+    assert not load_audio((16000, stereo)).any()
+    quiet = np.zeros(16000)
+    quiet[5000] = 1 / 32768
+    assert load_audio((16000, quiet)).any()
 
 
 def test_load_audio_rejects_absurd_sample_rates(tmp_path):

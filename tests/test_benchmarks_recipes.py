@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from benchmarks import recipes
-from model.config import CONFIG_DIR, load_model_config
 from tests.test_data import tiny_train_config, write_clip_dataset
-from training.config import load_train_config
+from training.config import CONFIG_DIR, load_model_config, load_train_config
 from training.train import Trainer
 
 

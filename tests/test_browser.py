@@ -136,7 +136,7 @@ def test_browser_shows_the_message_for_a_bad_upload(page, app_server, app_inputs
     url, _ = app_server
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(url)
-    path, phrase = app_inputs.bad_audio["silence.wav"]
+    path, phrase = app_inputs.bad_audio["not_audio.wav"]
     page.locator("#encode-audio input[type=file]").set_input_files(str(path))
     page.locator("#encode-btn").click()
     toast = page.locator("[data-testid=toast-text]").filter(has_text=phrase)

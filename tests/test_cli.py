@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from app.cli import EXIT_FAILED, EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
-from export.codes_file import CodesFile
 from tests.conftest import APP_MAX_SECONDS
+from vqwavenet.codes_file import CodesFile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_cli_names_every_bad_audio_file_and_processes_the_rest(
 
 
 def test_cli_resynth_rejects_bad_audio(app_model_dir, app_inputs, tmp_path, capsys):
-    path, phrase = app_inputs.bad_audio["silence.wav"]
+    path, phrase = app_inputs.bad_audio["not_audio.wav"]
     out = tmp_path / "x.wav"
     assert cli(app_model_dir, "resynth", str(path), "-o", str(out)) == EXIT_FAILED
     assert phrase in capsys.readouterr().err and not out.exists()
@@ -243,3 +243,17 @@ def test_cli_outputs_get_the_usual_file_mode(app_model_dir, app_inputs, tmp_path
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_has_no_default_length_limit_and_decodes_silence(app_model_dir, app_inputs, tmp_path):
+    """Without --max-seconds a file longer than the app's limit encodes, and a silent file
+    encodes and decodes to silence-length audio (silence is audio). Control: with the app's
+    limit the long file is refused."""
+    long_path, _ = app_inputs.bad_audio["too_long.wav"]
+    silent, _ = app_inputs.odd["silence"]
+    out = tmp_path / "out"
+    assert cli(app_model_dir, "encode", str(long_path), "-o", str(out)) == EXIT_FAILED
+    args = ["--model", str(app_model_dir), "-q", "-o", str(out)]
+    assert main(["encode", str(long_path), str(silent), *args]) == EXIT_OK
+    assert main(["decode", str(out / "silence.vqwc"), *args]) == EXIT_OK
+    assert sf.info(out / "silence.decoded.wav").frames == sf.info(silent).frames

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.codes_file import MAGIC, VERSION, CodesFile, CodesFileError, ModelRef
+from vqwavenet.codes_file import MAGIC, VERSION, CodesFile, CodesFileError, ModelRef
 
 HASH = "3f2a9c0e" * 8
 
@@ -239,7 +239,7 @@ def test_codes_writer_refuses_what_the_reader_would_reject(codes, kw, message):
 
 
 def test_codes_file_and_audio_modules_do_not_import_torch():
-    code = "import sys, export.codes_file, export.audio; print('torch' in sys.modules)"
+    code = "import sys, vqwavenet.codes_file, vqwavenet.audio; print('torch' in sys.modules)"
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root

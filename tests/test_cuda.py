@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from model.autoencoder import Autoencoder
-from model.config import load_model_config
 from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
 from tests.test_decoder import check_low_precision_sums, check_segment_sum
@@ -34,6 +33,7 @@ from tests.test_train import (
 )
 from training import checkpoint as ckpt_io
 from training import train as train_mod
+from training.config import load_model_config
 from training.data import Loader
 from training.dataset import Dataset
 from training.invariance import CONTROL_FLOOR, TOLERANCE, Case, must_fail, prepare, run_case
@@ -54,8 +54,8 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", [Case(1, 3, False), Case(17, 1, True), Case(55, 8, True)])
 def test_batch_invariance_holds_on_cuda_in_float64(case):
-    """DESIGN.md's proof on the GPU: cuDNN's convolutions, the decoder's segment sums and CUDA's
-    atomic adds elsewhere (slot routing, quantiser statistics) keep the
+    """The invariance proof (docs/DESIGN.md) on the GPU: cuDNN's convolutions, the decoder's
+    segment sums and CUDA's atomic adds elsewhere (slot routing, quantiser statistics) keep the
     batched gradient equal to the mean of per-prediction ones, and the naive loss still fails."""
     model = prepare(load_model_config("tiny"), width=8, jitter=0.5, device="cuda")
     controls = ("naive",) if must_fail(case, TINY_HOP, "naive") else ()

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from model.autoencoder import Autoencoder
-from model.config import CONFIG_DIR, load_model_config
+from training.config import CONFIG_DIR, load_model_config
 from training.data import Loader, Window, WindowSampler, fixed_windows, split_lengths
 from training.dataset import Dataset
 from training.windows import Utterance

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import load_model_config
 from model.decoder import WaveNetDecoder, _RepeatByIndex, segment_sum
+from training.config import load_model_config
 
 
 def runs_index(batch: int, length: int, n_cols: int, seed: int) -> torch.Tensor:

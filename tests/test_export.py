@@ -20,10 +20,11 @@ from export.onnx_export import (
     step_feeds,
     verify,
 )
-from export.runtime import Codec
 from model.autoencoder import Autoencoder, Windows
-from model.config import load_model_config, to_dict
+from model.config import to_dict
 from model.decoder_step import DecoderStep
+from training.config import load_model_config
+from vqwavenet import Codec
 
 DATA = Path(__file__).parent / "data"
 

@@ -20,9 +20,10 @@ import torch
 
 from model import mulaw
 from model.autoencoder import Autoencoder
-from model.config import ModelConfig, load_model_config
+from model.config import ModelConfig
 from model.geometry import CodecGeometry, Conv, Upsample, exact, hull
 from model.jitter import jitter_offsets
+from training.config import load_model_config
 from training.invariance import narrow
 from training.windows import Utterance, WindowSpec, make_batch
 
@@ -191,7 +192,7 @@ def test_logits_depend_on_exactly_the_slot_range_at_every_phase(seed):
 
 
 def test_jittered_logits_depend_on_the_jittered_frames_of_their_slots():
-    """pi(k) = clamp(k + delta_k, 0, F - 1) (DESIGN.md), over a whole short utterance so that
+    """pi(k) = clamp(k + delta_k, 0, F - 1) (docs/DESIGN.md), over a whole short utterance so that
     the clamp at both ends is exercised."""
     model = build(widened("tiny"), 3).train()
     model.cfg.decoder.jitter_probability = 0.5

@@ -1,4 +1,5 @@
-"""Proof obligations of DESIGN.md: batched gradients equal the mean of per-prediction gradients.
+"""Proof obligations of docs/DESIGN.md: batched gradients equal the mean of per-prediction
+gradients.
 
 Every comparison is float64 against a brute force that runs each prediction in its own pass
 over its own minimal window. The negative controls run the identical comparison and must fail,
@@ -10,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import load_model_config
+from training.config import load_model_config
 from training.invariance import (
     CONTROL_FLOOR,
     TOLERANCE,

@@ -1,12 +1,12 @@
-"""The commitment weights autograd gives each frame, against DESIGN.md's closed formula."""
+"""The commitment weights autograd gives each frame, against docs/DESIGN.md's closed formula."""
 
 import copy
 
 import pytest
 import torch
 
-from model.config import load_model_config
 from model.jitter import slot_frames
+from training.config import load_model_config
 from training.invariance import prepare, synth_utterance
 from training.loss import batch_loss
 from training.windows import Utterance, WindowSpec, make_batch
@@ -63,7 +63,7 @@ def test_commitment_weights_equal_closed_formula_and_feed_the_ema(batch):
     d = out.quantizer.commitment
     d.retain_grad()
     count = int(out.mask.sum())
-    batch_loss(out, model.cfg.quantizer.beta, count).loss.backward()
+    batch_loss(out, count).loss.backward()
 
     expected = closed_form_weights(model, win, n, d.shape, count)
     assert torch.allclose(d.grad, expected, rtol=1e-12, atol=1e-15)
@@ -79,9 +79,8 @@ def test_commitment_weights_equal_closed_formula_and_feed_the_ema(batch):
 
 def test_batch_loss_is_mean_of_per_prediction_losses(batch):
     model, utts, specs, wave, win, n = batch
-    beta = model.cfg.quantizer.beta
     with torch.no_grad():
-        batched = batch_loss(model(wave, win, n), beta).loss.item()
+        batched = batch_loss(model(wave, win, n)).loss.item()
         singles = []
         for spec in specs:
             end = min(spec.t0 + spec.n, utts[spec.index].end)
@@ -89,7 +88,7 @@ def test_batch_loss_is_mean_of_per_prediction_losses(batch):
                 w1, win1, n1 = make_batch(
                     model.geometry, utts, [WindowSpec(spec.index, t, 1)], seed=7, epoch=2
                 )
-                singles.append(batch_loss(model(w1, win1, n1), beta).loss.item())
+                singles.append(batch_loss(model(w1, win1, n1)).loss.item())
     assert batched == pytest.approx(sum(singles) / len(singles), rel=1e-12)
 
 
@@ -101,7 +100,7 @@ def test_ema_update_moves_codes_to_usage_weighted_means(batch):
     before = q.codebook.clone()
     out = model(wave, win, n)
     out.quantizer.commitment.retain_grad()
-    batch_loss(out, model.cfg.quantizer.beta).loss.backward()
+    batch_loss(out).loss.backward()
     counts, sums = q.step_count.clone(), q.step_sum.clone()
     ema_count, ema_sum = q.ema_count.clone(), q.ema_sum.clone()
     q.ema_update()
@@ -139,7 +138,7 @@ def test_restarts_do_not_depend_on_the_micro_batch_split(batch):
     """Gradient accumulation: dead codes restart on the same encoder outputs whether a step's
     windows come as one micro-batch or several (every micro-batch's used frames, in order)."""
     model, utts, specs, *_ = batch
-    geo, beta = model.geometry, model.cfg.quantizer.beta
+    geo = model.geometry
     splits = {"whole": [specs], "split": [specs[:2], specs[2:]]}
     codebooks = {}
     for name, parts in splits.items():
@@ -152,7 +151,7 @@ def test_restarts_do_not_depend_on_the_micro_batch_split(batch):
         micro = [make_batch(geo, utts, p, seed=7, epoch=2) for p in parts]
         count = sum(int(win.n_valid.sum()) for _, win, _ in micro)
         for wave, win, n in micro:
-            batch_loss(m(wave, win, n), beta, count).loss.backward()
+            batch_loss(m(wave, win, n), count).loss.backward()
         q.ema_update(generator=torch.Generator().manual_seed(0))
         codebooks[name] = q.codebook.clone()
     dead = codebooks["whole"] != model.quantizer.codebook

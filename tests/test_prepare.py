@@ -16,8 +16,8 @@ import torchaudio
 from G722 import G722
 
 from model.autoencoder import Autoencoder
-from model.config import load_model_config
 from training import prepare as prep
+from training.config import load_model_config
 from training.dataset import Dataset, split_of
 
 DATA = Path(__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""Primed segment starts (`export.primer`, ``Codec(warmup="primed")``): the state is the one a
+"""Primed segment starts (`vqwavenet.primer`, ``Codec(warmup="primed")``): the state is the one a
 stepped decode of the primer reaches, later segments start loud from it, and model
 directories without a primer (or with a damaged one) behave as they say."""
 
@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from export.primer import PRIMER_FILE, choose_excerpt, main
-from export.runtime import Codec, DecodeRequest, ModelDirError, _Stream, mulaw_decode, mulaw_encode
 from tests.conftest import DATA
 from tests.test_export import clip
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest, ModelDirError
+from vqwavenet.audio import mulaw_decode, mulaw_encode
+from vqwavenet.model_dir import PRIMER_FILE
+from vqwavenet.primer import choose_excerpt, main
+from vqwavenet.steps import Stream
 
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "bundled"
+BUNDLED = BUNDLED_MODEL
 
 
 def test_choose_excerpt_takes_typical_speech_not_a_pause_or_the_loudest_part():
@@ -40,15 +42,15 @@ def test_choose_excerpt_takes_typical_speech_not_a_pause_or_the_loudest_part():
 
 
 def test_a_primed_start_continues_the_primer_as_a_stepped_decode_does():
-    """`Codec._primed`'s rings (one parallel warm-up over the primer) are those of a decode
+    """`Codec.primed_state`'s rings (one parallel warm-up over the primer) are those of a decode
     stepped through the primer's last ``context`` samples: teacher-forced on the same inputs
     after it, both give the same logits. Control: the stepped decode fed the primer one
     sample late differs, so the comparison sees an off-by-one."""
     codec = Codec(BUNDLED, workers=1)
     assert codec.warmup == "primed"
     ctx, speaker = codec.context, 2
-    state, first = codec._primed(speaker)
-    x = codec._primer_for(speaker)
+    state, first = codec.primed_state(speaker)
+    x = codec.primer(speaker)
     g = len(x)
     cond = codec.condition(codec.encode(x), speaker)
     classes = mulaw_encode(x, codec.q)
@@ -56,7 +58,7 @@ def test_a_primed_start_continues_the_primer_as_a_stepped_decode_does():
     after = np.random.default_rng(1).integers(0, codec.q, 40)
 
     def logits(forced: np.ndarray, primed=None) -> np.ndarray:
-        stream = _Stream(
+        stream = Stream(
             request=0,
             tau0=codec.geometry.pad_left + g - ctx,
             length=1 + len(after),
@@ -66,7 +68,7 @@ def test_a_primed_start_continues_the_primer_as_a_stepped_decode_does():
             forced=forced,
             primed=primed,
         )
-        return codec._run([stream], cond, None)[0]
+        return codec.engine.run([stream], cond, None)[0]
 
     codec.parallel_warmup = False  # the reference steps through the warm-up
     inputs = np.concatenate([classes[g - ctx - 1 :], after])
@@ -92,8 +94,8 @@ def test_primed_segments_start_as_loud_as_an_unbroken_decode():
     unfolded = codecs["primed"].decode_many(reqs, segment=n + 1)
     ratio = {}
     for warmup, codec in codecs.items():
-        streams, cond, folds = codec._plan(reqs, segment, 0, 0)
-        outs = codec._run(streams, cond, None)
+        plan = codec.plan(reqs, segment, 0, 0)
+        outs, folds = codec.engine.run(plan.streams, plan.cond, None), plan.folds
         seg, ref = 0.0, 0.0
         for fold, whole in zip(folds, unfolded):
             for k in range(1, len(fold.bounds)):
@@ -119,7 +121,7 @@ def test_model_dirs_without_a_primer_start_from_silence_and_damaged_ones_fail(tm
     (bare / PRIMER_FILE).unlink()
     steady = Codec(bare)
     assert (steady.warmup, steady.burn_in) == ("steady", 960)
-    with pytest.raises(ModelDirError, match="export.primer"):
+    with pytest.raises(ModelDirError, match="vqwavenet.primer"):
         Codec(bare, warmup="primed")
 
     edited = tmp_path / "edited"
@@ -149,7 +151,7 @@ def test_primer_cli_writes_the_primer_the_codec_then_starts_from(tmp_path, capsy
     start = int(meta["primer"]["source"].split("[")[1].split(":")[0])
     want = clip("auth-incorrect")[start : start + len(wave)]
     np.testing.assert_allclose(wave, want, atol=1 / 32768)
-    assert not np.array_equal(codec._primed(0)[0], Codec(BUNDLED)._primed(0)[0])
+    assert not np.array_equal(codec.primed_state(0)[0], Codec(BUNDLED).primed_state(0)[0])
 
     silent = tmp_path / "silent.wav"
     sf.write(silent, np.zeros(8000, np.float32) + 1e-4, 16000)
@@ -164,10 +166,10 @@ def test_a_voice_with_its_own_primer_starts_from_it(tmp_path, capsys):
     others from the shared one. The bundled model has one for each voice but Allison's, whose
     voice the shared primer is."""
     bundled = Codec(BUNDLED)
-    assert np.array_equal(bundled._primer_for(0), bundled._primers[None])
+    assert np.array_equal(bundled.primer(0), bundled.primers[None])
     for speaker in (1, 2, 3):
         own, _ = sf.read(BUNDLED / f"primer.{speaker}.wav", dtype="float32")
-        np.testing.assert_array_equal(bundled._primer_for(speaker), own)
+        np.testing.assert_array_equal(bundled.primer(speaker), own)
 
     model = tmp_path / "model"
     shutil.copytree(BUNDLED, model)
@@ -175,15 +177,15 @@ def test_a_voice_with_its_own_primer_starts_from_it(tmp_path, capsys):
     del meta["primer"]["speakers"]
     (model / "model.json").write_text(json.dumps(meta))
     shared = Codec(model)
-    assert shared._primers.keys() == {None}
+    assert shared.primers.keys() == {None}
     args = ["--model", str(model), "--wav", str(DATA / "auth-incorrect.wav")]
     assert main([*args, "--speaker", "Carlo"]) == 0
     assert "primer.1.wav" in capsys.readouterr().out
     meta = json.loads((model / "model.json").read_text())
     assert meta["primer"]["speakers"]["Carlo"]["source"].startswith("auth-incorrect.wav [")
     carlo = Codec(model)
-    assert not np.array_equal(carlo._primed(1)[0], shared._primed(1)[0])
-    np.testing.assert_array_equal(carlo._primed(3)[0], shared._primed(3)[0])
+    assert not np.array_equal(carlo.primed_state(1)[0], shared.primed_state(1)[0])
+    np.testing.assert_array_equal(carlo.primed_state(3)[0], shared.primed_state(3)[0])
     assert main([*args]) == 0  # a new shared primer keeps the voices' own
     assert "Carlo" in json.loads((model / "model.json").read_text())["primer"]["speakers"]
 

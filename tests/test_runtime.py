@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from export import runtime
 from export.onnx_export import export_model, load_checkpoint
-from export.runtime import Codec, DecodeRequest, ModelDirError, _Fold, mulaw_decode
 from tests.test_export import clip, make_checkpoint, teacher_forced_reference
+from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest, ModelDirError, folding, steps
+from vqwavenet import codec as codec_module
+from vqwavenet.audio import mulaw_decode
+from vqwavenet.folding import Fold
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +59,8 @@ def test_runtime_and_its_imports_run_without_torch(tiny):
         f"""
         import sys
         import numpy as np
-        import export.runtime as rt
-        codec = rt.Codec({str(out)!r})
+        import vqwavenet
+        codec = vqwavenet.Codec({str(out)!r})
         x = 0.1 * np.sin(np.arange(6000) / 7.0).astype(np.float32)
         codes = codec.encode(x, 16000, chunk_frames=5)
         y = codec.decode(codes, speaker="spk1", seed=3, n_samples=len(x), segment=1500)
@@ -180,23 +182,23 @@ def test_step_batches_kept_between_calls_change_no_result():
     next call's audio bit-equal (int8, where one stale value would also spoil every row's
     quantisation scale). Control: the stepped warm-up, which reads the rings it inherits, is
     changed by the same poison."""
-    out = ROOT / "models" / "bundled"
+    out = BUNDLED_MODEL
     codec = Codec(out, workers=1, int8=True)
     codes = codec.encode(clip("agent-newlocation", 6000))
     other = codec.encode(clip("activated", 9000))
     first = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
-    (batch,) = codec._batches
+    (batch,) = codec.engine.batches
     codec.decode(other, speaker=2, seed=5, n_samples=9000, segment=4500)  # 2 of its 3 rows
-    assert codec._batches == [batch]  # the same batch, reused
+    assert codec.engine.batches == [batch]  # the same batch, reused
     batch.store[:] = np.nan
     again = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
     np.testing.assert_array_equal(first, again)
     codec.release_buffers()
-    assert codec._batches == []
+    assert codec.engine.batches == []
 
     codec.parallel_warmup = False
     clean = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
-    codec._batches[0].store[:] = np.nan
+    codec.engine.batches[0].store[:] = np.nan
     poisoned = codec.decode(codes, speaker=1, seed=4, n_samples=6000, segment=2000)
     assert np.mean(clean != poisoned) > 0.2
 
@@ -334,7 +336,7 @@ def test_playback_stream_yields_whole_waves_of_decode(tiny, monkeypatch):
     codes = codec.encode(clip("agent-newlocation", 12000))
     kwargs = dict(speaker=1, seed=3, n_samples=12000, segment=1000, overlap=100, burn_in=200)
     whole = codec.decode(codes, **kwargs)
-    engine = codec._run
+    engine = codec.engine.run
 
     def stream(clock) -> tuple[list[int], list[int | None]]:
         """Chunk lengths, and the streams of each engine call (``None``: all)."""
@@ -346,8 +348,8 @@ def test_playback_stream_yields_whole_waves_of_decode(tiny, monkeypatch):
             return engine(*args, order=order, **kw)
 
         with monkeypatch.context() as m:
-            m.setattr(runtime, "time", fake)
-            m.setattr(codec, "_run", spy)
+            m.setattr(codec_module, "time", fake)
+            m.setattr(codec.engine, "run", spy)
             progress = lambda done, total: seen.append(done)  # noqa: E731
             chunks = list(codec.decode_stream(codes, **kwargs, interval=0.01, progress=progress))
         assert seen == sorted(seen) and seen[-1] > 0
@@ -373,15 +375,15 @@ def test_decode_stream_refuses_an_unknown_schedule(tiny):
 
 def test_final_prefix_waits_for_the_next_segment_head():
     bounds = [(0, 100), (100, 200), (200, 300)]  # overlap 10: segments 1, 2 start 10 early
-    fold = _Fold(300, bounds, overlap=10, burn_in=0, first=0)
-    prefix = Codec._final_prefix
+    fold = Fold(300, bounds, overlap=10, burn_in=0, first=0)
+    prefix = folding.final_prefix
     assert prefix(fold, [40, 0, 0]) == 40
     assert prefix(fold, [100, 0, 50]) == 90  # segment 1's head is still missing
     assert prefix(fold, [100, 4, 0]) == 94
     assert prefix(fold, [100, 110, 9]) == 199
     assert prefix(fold, [100, 110, 110]) == 300
     # A burn-in of 30: segments 1, 2 start 40 early; what they burn finalises nothing.
-    burnt = _Fold(300, bounds, overlap=10, burn_in=30, first=0)
+    burnt = Fold(300, bounds, overlap=10, burn_in=30, first=0)
     assert prefix(burnt, [100, 0, 0]) == 90
     assert prefix(burnt, [100, 29, 0]) == 90
     assert prefix(burnt, [100, 34, 0]) == 94
@@ -395,22 +397,24 @@ def test_burnt_in_samples_never_reach_the_waveform(tiny):
     the waveform), and composing in pieces gives the whole."""
     _, out = tiny
     codec = Codec(out)
-    fold = _Fold(300, [(0, 100), (100, 200), (200, 300)], overlap=10, burn_in=30, first=0)
+    fold = Fold(300, [(0, 100), (100, 200), (200, 300)], overlap=10, burn_in=30, first=0)
     rng = np.random.default_rng(0)
     segs = [rng.integers(1, codec.q, n) for n in (100, 140, 140)]
-    whole = codec._compose(fold, segs, 0, 300)
+    whole = folding.compose(fold, segs, 0, 300, codec.q)
     burnt = [s.copy() for s in segs]
     for s in burnt[1:]:
         s[:30] = 0
-    np.testing.assert_array_equal(codec._compose(fold, burnt, 0, 300), whole)
+    np.testing.assert_array_equal(folding.compose(fold, burnt, 0, 300, codec.q), whole)
     faded = [s.copy() for s in segs]
     faded[1][30:40] = 0
-    changed = codec._compose(fold, faded, 0, 300) != whole
+    changed = folding.compose(fold, faded, 0, 300, codec.q) != whole
     assert changed[90:100].all() and not changed[:90].any() and not changed[100:].any()
     # Where one segment plays alone, the waveform is its samples.
     np.testing.assert_array_equal(whole[:90], mulaw_decode(segs[0][:90], codec.q))
     np.testing.assert_array_equal(whole[100:190], mulaw_decode(segs[1][40:130], codec.q))
-    pieces = [codec._compose(fold, segs, lo, hi) for lo, hi in ((0, 95), (95, 205), (205, 300))]
+    pieces = [
+        folding.compose(fold, segs, lo, hi, codec.q) for lo, hi in ((0, 95), (95, 205), (205, 300))
+    ]
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
 
 
@@ -431,12 +435,10 @@ def test_a_draining_batch_drops_its_idle_rows(tiny, monkeypatch):
     """Once the queue is empty and half the rows are idle, the batch keeps only its busy rows
     (their rings moved to the front); what every stream gives is unchanged, in free-running
     decoding and teacher-forced. Control: the compaction happened, more than once."""
-    from export import runtime
-
     kept = []
-    keep = runtime._StepBatch.keep
+    keep = steps.StepBatch.keep
     monkeypatch.setattr(
-        runtime._StepBatch, "keep", lambda self, r: (kept.append(len(r)), keep(self, r))
+        steps.StepBatch, "keep", lambda self, r: (kept.append(len(r)), keep(self, r))
     )
     _, out = tiny
     codec = Codec(out, workers=1)
@@ -457,7 +459,7 @@ def test_a_draining_batch_drops_its_idle_rows(tiny, monkeypatch):
 
 @pytest.mark.parametrize("block", [1, 7])
 def test_steps_run_in_blocks_give_what_single_steps_give(tiny, monkeypatch, block):
-    """`Codec._block` gathers a block's inputs before its steps and scatters the outputs
+    """`StepEngine`'s blocks gathers a block's inputs before its steps and scatters the outputs
     after: any block length gives the same samples, NLLs and logits, with streams loaded from
     the queue and conditioning changes inside blocks (fp32: a row's values do not depend on
     the rows beside it). Control, by hand: a block that applies conditioning changes at its
@@ -478,14 +480,14 @@ def test_steps_run_in_blocks_give_what_single_steps_give(tiny, monkeypatch, bloc
         )
 
     blocked = everything()
-    monkeypatch.setattr(runtime, "_BLOCK", block)
+    monkeypatch.setattr(steps, "BLOCK", block)
     for got, want in zip(everything(), blocked, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
 def test_each_worker_steps_on_its_own_session(tiny):
     """Two workers run their batches on two step sessions (sharing one made int8 decodes
-    erratic, `Codec._steps`), keep one idle batch each, and decode what one worker decodes
+    erratic, `StepEngine.sessions`), keep one idle batch each, and decode what one worker decodes
     (fp32). Control: a codec whose workers share a session keeps one batch."""
     _, out = tiny
     codes = np.random.default_rng(0).integers(0, 16, 600)  # five segments of 2000
@@ -493,40 +495,40 @@ def test_each_worker_steps_on_its_own_session(tiny):
     codec = Codec(out, workers=2)
     assert codec.workers_for(2) == 2
     np.testing.assert_array_equal(codec.decode(codes, 1, seed=2, segment=2000), one)
-    sessions = {id(b.session) for b in codec._batches}
-    assert len(codec._batches) == 2 and sessions == {id(s) for s in codec._steps}
+    sessions = {id(b.session) for b in codec.engine.batches}
+    assert len(codec.engine.batches) == 2 and sessions == {id(s) for s in codec.engine.sessions}
     codec.release_buffers()
-    codec._steps = [codec._step] * 2
+    codec.engine.sessions = [codec.engine.sessions[0]] * 2
     np.testing.assert_array_equal(codec.decode(codes, 1, seed=2, segment=2000), one)
-    assert len(codec._batches) == 1
+    assert len(codec.engine.batches) == 1
 
 
 def test_steady_rings_are_a_fixed_point_of_the_step_on_silence(tiny):
-    """`Codec._steady`: one more step on silence under the same conditioning, each tap fed
+    """`StepEngine.steady`: one more step on silence under the same conditioning, each tap fed
     from the rings, writes the rings' own values back. Control: the state one call short
     (``L - 1`` calls) is not yet the fixed point."""
-    from export.runtime import step_names
+    from vqwavenet.model_dir import step_names
 
     _, out = tiny
     codec = Codec(out, workers=1)
     cond = codec.condition(codec.encode(clip("activated", 4000)), 1)[5]
     zero = 128
-    x = codec._steady(cond[None], zero)[0]  # each layer's constant input [L, R]
+    x = codec.engine.steady(cond[None], zero)[0]  # each layer's constant input [L, R]
 
     def step(inputs):
         names = step_names(codec.n_layers, codec.kernel)
         feeds = {"prev": np.array([zero]), "noise": np.zeros(1, np.float32)}
-        for name, (i, *_rest) in zip(names["inputs"][2:], codec._taps):
+        for name, (i, *_rest) in zip(names["inputs"][2:], codec.engine.taps):
             feeds[name] = inputs[i][None]
         for i, c in enumerate(cond.reshape(codec.n_layers, -1)):
             feeds[f"cond.{i}"] = c[None]
-        return np.concatenate(codec._step.run(names["outputs"][2:], feeds))
+        return np.concatenate(codec.engine.sessions[0].run(names["outputs"][2:], feeds))
 
     np.testing.assert_allclose(step(x), x, atol=1e-5, rtol=0)
     rows = codec.condition(codec.encode(clip("activated", 4000)), 1)[[5, 0, 9]]
-    together = codec._steady(rows, zero)  # several rows in one batch, as a batch loads them
+    together = codec.engine.steady(rows, zero)  # several rows in one batch, as a batch loads them
     for row, got in zip(rows, together):
-        np.testing.assert_allclose(got, codec._steady(row[None], zero)[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got, codec.engine.steady(row[None], zero)[0], atol=1e-5, rtol=0)
     once = step(np.zeros_like(x))
     np.testing.assert_allclose(once[0], x[0], atol=1e-6, rtol=0)
     assert np.abs(step(once) - once).max() > 1e-3
@@ -540,7 +542,7 @@ def test_steady_and_primed_starts_start_only_later_segments(warmup):
     samples differ (the control that the mode is in effect). The bundled model, because in
     `tiny` the warm-up window lies within one conditioning frame, where the exact warm-up
     reaches the steady state itself."""
-    out = ROOT / "models" / "bundled"
+    out = BUNDLED_MODEL
     steady, exact = Codec(out, workers=1, warmup=warmup), Codec(out, workers=1, warmup="exact")
     assert Codec(out).warmup == "primed"
     codes = steady.encode(clip("agent-newlocation", 6000))
@@ -564,14 +566,14 @@ def test_automatic_segments_and_burn_in(tiny):
     steady, exact = Codec(out, workers=2), Codec(out, workers=2, warmup="exact")
     sr = steady.sample_rate
     assert steady.warmup == "steady" and steady.min_segment == sr // 4
-    primed = Codec(ROOT / "models" / "bundled", workers=2)
+    primed = Codec(BUNDLED_MODEL, workers=2)
     assert (primed.min_segment, primed.burn_in) == (sr // 8, round(0.01 * sr))
     n = 8 * sr
-    assert len(primed._segments(n, primed.auto_segment(n), primed.hop, primed.burn_in)) == 64
+    assert len(folding.segments(n, primed.auto_segment(n), primed.hop, primed.burn_in)) == 64
     assert exact.min_segment == max(exact.context, sr // 4)
     assert Codec(out, min_segment_s=0.125).min_segment == sr // 8
-    assert len(steady._segments(n, steady.auto_segment(n), steady.hop, steady.burn_in)) == 32
-    assert len(exact._segments(n, exact.auto_segment(n), exact.hop, exact.burn_in)) == 32
+    assert len(folding.segments(n, steady.auto_segment(n), steady.hop, steady.burn_in)) == 32
+    assert len(folding.segments(n, exact.auto_segment(n), exact.hop, exact.burn_in)) == 32
     many = 4 * steady.workers * steady.target_streams * sr // 4
     assert steady.auto_segment(many) == 4 * (sr // 4)
     assert steady.burn_in == exact.burn_in == round(0.06 * sr)
@@ -600,7 +602,7 @@ def test_sampling_through_a_stepped_warm_up_equals_the_parallel_one():
     """Generation, not only teacher forcing: rows stepping through their zero-input warm-up
     keep the zero class as input (`_step_loop` copies a draw only to rows that generate).
     Control: feeding every row its draw changes 98 % of the samples."""
-    codec = Codec(ROOT / "models" / "bundled", workers=1, warmup="exact")
+    codec = Codec(BUNDLED_MODEL, workers=1, warmup="exact")
     codes = codec.encode(clip("activated", 9000))
     parallel = codec.decode(codes, speaker=1, seed=3, n_samples=9000, segment=3000)
     codec.parallel_warmup = False
@@ -647,8 +649,8 @@ def test_int8_engine_uses_the_int8_warm_up_and_stays_close(tmp_path):
     model, speakers, _ = load_checkpoint(ckpt)
     export_model(model, speakers, tmp_path / "q", int8=True)
     fp32, int8 = Codec(tmp_path / "q"), Codec(tmp_path / "q", int8=True)
-    assert Path(int8._warm._model_path).name == "decoder_warmup.int8.onnx"
-    assert Path(fp32._warm._model_path).name == "decoder_warmup.onnx"
+    assert int8.engine.warm_path.name == "decoder_warmup.int8.onnx"
+    assert fp32.engine.warm_path.name == "decoder_warmup.onnx"
     wave = clip("activated", 3000)
     a, b = fp32.cross_entropy([wave]), int8.cross_entropy([wave])
     assert a != b and abs(a - b) < 0.05
@@ -665,7 +667,7 @@ def test_folded_nll_recovers_full_context_after_one_receptive_field(tiny):
     one = codec.folded_nll([wave], speaker=1, segment=len(wave) + 1)[0]
     np.testing.assert_allclose(one, full, atol=1e-5, rtol=0)
     ctx = codec.context
-    starts = [a for a, _ in codec._segments(len(wave), 1000, 0)[1:]]
+    starts = [a for a, _ in folding.segments(len(wave), 1000, 0)[1:]]
     cold = codec.folded_nll([wave], speaker=1, segment=1000, overlap=0, burn_in=0)[0]
     settled = np.ones(len(wave), dtype=bool)
     for a in starts:
@@ -676,7 +678,7 @@ def test_folded_nll_recovers_full_context_after_one_receptive_field(tiny):
     np.testing.assert_allclose(warm, full, atol=1e-5, rtol=0)
     # A burn-in and an overlap that cover the receptive field together, and a burn-in alone.
     for overlap, burn_in in ((ctx // 2, ctx - ctx // 2), (0, ctx)):
-        assert codec._segments(len(wave), 1000, overlap, burn_in) == codec._segments(
+        assert folding.segments(len(wave), 1000, overlap, burn_in) == folding.segments(
             len(wave), 1000, 0
         )
         burnt = codec.folded_nll([wave], speaker=1, segment=1000, overlap=overlap, burn_in=burn_in)[
@@ -693,7 +695,7 @@ def test_ring_layout_never_reads_the_slot_it_writes(needs):
     """Every ring is longer than the inputs it must hold (reads at lags 1 .. need, the write
     at lag 0, all modulo its size) and divides the period, so step ``s``'s bindings equal
     step ``s + period``'s."""
-    period, sizes = runtime.ring_layout(needs)
+    period, sizes = steps.ring_layout(needs)
     for need, size in zip(needs, sizes):
         assert size > need and period % size == 0
         assert 0 not in {lag % size for lag in range(1, need + 1)}
@@ -702,7 +704,7 @@ def test_ring_layout_never_reads_the_slot_it_writes(needs):
 def test_ring_layout_for_the_shipped_dilations():
     """Dilations 1 ... 512 twice: period 520 and 2112 slots, against 768 and 3070 when each
     ring was 1.5x its need."""
-    period, sizes = runtime.ring_layout([2**i for i in range(10)] * 2)
+    period, sizes = steps.ring_layout([2**i for i in range(10)] * 2)
     assert (period, sum(sizes)) == (520, 2112)
 
 
@@ -725,7 +727,7 @@ def test_int8_step_keeps_only_the_output_head_in_fp32(tmp_path):
 def test_bundled_int8_costs_under_a_thousandth_of_a_nat():
     """Teacher-forced on the test clips, the bundled model's int8 step stays within 0.001
     nats/sample of fp32. Control: quantising the output head too cost it 0.019."""
-    bundled = ROOT / "models" / "bundled"
+    bundled = BUNDLED_MODEL
     waves = [clip(name, 8000) for name in ("activated", "agent-newlocation", "auth-incorrect")]
     fp32 = Codec(bundled).cross_entropy(waves)
     int8 = Codec(bundled, int8=True).cross_entropy(waves)
@@ -733,15 +735,15 @@ def test_bundled_int8_costs_under_a_thousandth_of_a_nat():
 
 
 def test_a_batch_binds_each_row_count_once(tiny, monkeypatch):
-    """A batch that drained to fewer rows (`_StepBatch.keep`) keeps the bindings of its full
+    """A batch that drained to fewer rows (`StepBatch.keep`) keeps the bindings of its full
     size: the next call of the same requests binds no step phase again, and gives the same
     audio."""
     _, out = tiny
     codec = Codec(out, workers=1)
     reqs = [DecodeRequest(codec.encode(clip("activated", n)), 0, n, 1) for n in (3000, 600, 600)]
     bound = []
-    bind = runtime._StepBatch._bind
-    monkeypatch.setattr(runtime._StepBatch, "_bind", lambda b, p: bound.append(b.m) or bind(b, p))
+    bind = steps.StepBatch.bind
+    monkeypatch.setattr(steps.StepBatch, "bind", lambda b, p: bound.append(b.m) or bind(b, p))
     first = codec.decode_many(reqs, segment=4000)  # unfolded: 3 rows, then 1 after draining
     assert set(bound) == {3, 1}
     bound.clear()

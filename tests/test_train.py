@@ -22,12 +22,11 @@ import pytest
 import torch
 
 from model.autoencoder import Autoencoder
-from model.config import load_model_config
 from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
 from training import checkpoint as ckpt_io
 from training import train as train_mod
-from training.config import TrainConfig, load_train_config
+from training.config import TrainConfig, load_model_config, load_train_config
 from training.data import Loader, Window
 from training.dataset import Dataset
 
@@ -279,8 +278,8 @@ def test_max_bad_steps_in_a_row_write_a_checkpoint_and_exit(data, tmp_path, monk
     real = train_mod.batch_loss
     calls = []
 
-    def poisoned(out, beta, count):
-        terms = real(out, beta, count)
+    def poisoned(out, count):
+        terms = real(out, count)
         calls.append(1)
         if len(calls) > 2:  # two good steps, then NaN for ever
             terms.loss = terms.loss * float("nan")
@@ -345,7 +344,7 @@ def _ddp_windows(dataset: Dataset, geometry) -> list[Window]:
 
 
 def _step_results(model, batches, world_reduce, broadcast) -> dict[str, torch.Tensor]:
-    sums = train_mod.accumulate(model, batches, model_of(model).cfg.quantizer.beta)
+    sums = train_mod.accumulate(model, batches)
     inner = model_of(model)
     res = {n: p.grad.detach().clone() for n, p in inner.named_parameters()}
     q = inner.quantizer
@@ -401,7 +400,7 @@ def _ddp_worker(
         # A second step where every code is dead: restarts must agree on every rank.
         model.quantizer.cfg.dead_code_threshold = 1e9
         model.zero_grad()
-        train_mod.accumulate(ddp, batches, model.cfg.quantizer.beta)
+        train_mod.accumulate(ddp, batches)
         model.quantizer.ema_update(
             reduce=dist.all_reduce_mean,
             generator=torch.Generator().manual_seed(100 + rank),  # must not matter
@@ -540,7 +539,7 @@ def check_bf16_autocast_step(data, device: str) -> None:
         batches = [loader.batch(windows[:4], 0, 60), loader.batch(windows[4:], 0, 60)]
         batches = [b.to(device) for b in batches]
         kwargs = {} if autocast is None else {"autocast": autocast}
-        sums = train_mod.accumulate(model, batches, model.cfg.quantizer.beta, **kwargs)
+        sums = train_mod.accumulate(model, batches, **kwargs)
         out = seen["out"]
         assert out.quantized.dtype == out.commitment.dtype == torch.float32, name
         assert float(model.quantizer.step_count.sum()) == pytest.approx(1.0, abs=1e-6)

@@ -1,12 +1,18 @@
-"""Training settings: a dataclass whose defaults are a reference run, overridden by the
-``[train]`` table of a config file (unknown keys and wrong types rejected)."""
+"""Config files: the TOML loader, and the training settings, a dataclass whose defaults are a
+reference run, overridden by the ``[train]`` table of a config file (unknown keys and wrong
+types rejected). The ``[model]`` table overrides `model.config.ModelConfig` the same way."""
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import from_dict, load_toml
+from model.config import ModelConfig, from_dict
+
+# The config files: `configs/` in a checkout, shipped inside this package when installed.
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -77,3 +83,25 @@ class TrainConfig:
 def load_train_config(name_or_path: str | Path) -> TrainConfig:
     """The ``[train]`` table of a config file, over the defaults."""
     return from_dict(TrainConfig, load_toml(name_or_path).get("train", {}), "train").validate()
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A config name (``tiny``, ``small``, ``default``) or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise FileNotFoundError(f"no config {name_or_path!r} (known: {known})")
+    return path
+
+
+def load_toml(name_or_path: str | Path) -> dict:
+    with open(resolve_path(name_or_path), "rb") as f:
+        return tomllib.load(f)
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """The ``[model]`` table of a config file, over the defaults."""
+    data = load_toml(name_or_path)
+    return from_dict(ModelConfig, data.get("model", {}), "model").validate()

@@ -1,6 +1,6 @@
-"""Evaluate an exported model on a prepared dataset with the torch-free engine (`export.runtime`).
+"""Evaluate an exported model on a prepared dataset with the torch-free engine (`vqwavenet`).
 
-    python -m training.evaluate --model models/bundled --data data/asterisk
+    python -m training.evaluate --data data/asterisk-fillets          # the bundled model
     python -m training.evaluate --model DIR --data DATA --split valid --limit 16 --json out.json
     python -m training.evaluate --model DIR --data DATA --card DIR/MODEL_CARD.md
 
@@ -54,6 +54,7 @@ import numpy as np
 
 from training.dataset import SPLITS, Dataset
 from training.transcripts import PACKAGE, TRANSCRIPTS, Transcripts
+from vqwavenet.model_dir import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORE_RATE = 16000
@@ -382,7 +383,7 @@ def evaluate_group(
 ) -> tuple[list[dict], list[np.ndarray], float]:
     """Per-utterance records of one group, its codes per utterance and the wall seconds of its
     resynthesis (encoding and one batched decode)."""
-    from export.runtime import DecodeRequest
+    from vqwavenet import DecodeRequest
 
     progress = progress or _Progress(0, enabled=False)
     ds, n = group.dataset, len(group.indices)
@@ -642,7 +643,7 @@ def model_card(report: dict, sections: Mapping[str, str | Mapping] | None = None
         "utterances": f"up to {meta['limit']} per group (seeded sample)"
         if meta["limit"]
         else "all",
-        "engine": f"export.runtime, {meta['precision']}, seed {meta['seed']}",
+        "engine": f"vqwavenet, {meta['precision']}, seed {meta['seed']}",
     }
     if meta.get("command"):
         what["command"] = f"`{meta['command']}`"
@@ -682,7 +683,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.evaluate", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--model", default=str(ROOT / "models" / "bundled"), help="model directory")
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="model directory")
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--limit", type=int, help="utterances per group (a seeded sample)")
@@ -712,7 +713,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    from export.runtime import Codec, ModelDirError
+    from vqwavenet import Codec, ModelDirError
 
     if args.seed < 0:
         print("error: --seed must be >= 0", file=sys.stderr)

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from model.autoencoder import Autoencoder, AutoencoderOutput, Windows
-from model.config import ModelConfig, load_model_config
+from model.config import ModelConfig
 from model.jitter import jitter_offsets
+from training.config import load_model_config
 from training.loss import batch_loss
 from training.windows import Utterance, WindowSpec, make_batch
 
@@ -74,11 +75,11 @@ def synth_utterance(n: int, seed: int) -> torch.Tensor:
 # --- methods: ours and the negative controls ---------------------------------------------------
 
 
-def our_loss(out: AutoencoderOutput, beta: float, count: int) -> torch.Tensor:
-    return batch_loss(out, beta, count).loss
+def our_loss(out: AutoencoderOutput, count: int) -> torch.Tensor:
+    return batch_loss(out, count).loss
 
 
-def naive_loss(out: AutoencoderOutput, beta: float, count: int) -> torch.Tensor:
+def naive_loss(out: AutoencoderOutput, count: int) -> torch.Tensor:
     """Control: commitment = mean of d over the window's slots, the same for every prediction."""
     ce = torch.nn.functional.cross_entropy(out.logits, out.targets, reduction="none")
     routed = out.quantizer.commitment.gather(1, out.slot_frames)
@@ -86,7 +87,7 @@ def naive_loss(out: AutoencoderOutput, beta: float, count: int) -> torch.Tensor:
     last = out.slot_hi.gather(1, (n_valid - 1)[:, None])
     used = (torch.arange(routed.shape[1], device=routed.device)[None] <= last).to(routed.dtype)
     window_mean = (routed * used).sum(1) / used.sum(1)
-    per = ce + beta * window_mean[:, None]
+    per = ce + out.quantizer.beta * window_mean[:, None]
     return (per * out.mask).sum() / count
 
 
@@ -180,7 +181,6 @@ def gradients(
     model's device (batches are cut on the CPU and moved there; gradients come back on the CPU)."""
     _reset(model)
     device = next(model.parameters()).device
-    beta = model.cfg.quantizer.beta
     original = model.route
     if method.route is not None:
         model.route = method.route(model)
@@ -191,7 +191,7 @@ def gradients(
             else:
                 wave, win, n = make_batch(model.geometry, utterances, specs, seed=seed, epoch=epoch)
             out = model(wave.to(device), win.to(device), n)
-            method.loss(out, beta, count).backward()
+            method.loss(out, count).backward()
     finally:
         model.route = original
     return _collect(model)
@@ -293,7 +293,7 @@ REAL_GEOMETRY_HOP = 64
 
 
 def cases_for(hop: int) -> list[Case]:
-    """DESIGN.md's grid for small strides. At a real stride each single-prediction pass covers
+    """docs/DESIGN.md's grid for small strides. At a real stride each single-prediction pass covers
     the 2047-sample field, so the grid is cut to N in {1, 2, S+1} at phases {0, S/2} (the test
     suite adds N = 700 with jitter)."""
     if hop >= REAL_GEOMETRY_HOP:
@@ -306,7 +306,7 @@ def cases_for(hop: int) -> list[Case]:
 
 
 def must_fail(case: Case, hop: int, control: str) -> bool:
-    """Where DESIGN.md says a control must fail (it may coincide with ours elsewhere)."""
+    """Where docs/DESIGN.md says a control must fail (it may coincide with ours elsewhere)."""
     if case.n <= hop:
         return False
     return control != "window_jitter" or case.jitter

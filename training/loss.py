@@ -5,7 +5,7 @@ of ``d[pi(k)]`` over the slots ``k in [lo(t), hi(t)]`` that reach t. The per-fra
 routed through the same jitter gather as the decoder's conditioning (a frame used twice counts
 twice) and averaged per prediction with a prefix sum; the batch loss is the sum over valid
 predictions divided by the caller's count (the all-reduced count of the whole optimiser step).
-Autograd then weights each frame by exactly its use (DESIGN.md, "The heart").
+Autograd then weights each frame by exactly its use (docs/DESIGN.md, "The heart").
 """
 
 from __future__ import annotations
@@ -40,21 +40,21 @@ def per_prediction(frame_values: torch.Tensor, out: AutoencoderOutput) -> torch.
     return total / (out.slot_hi - out.slot_lo + 1).to(total.dtype)
 
 
-def prediction_losses(out: AutoencoderOutput, beta: float) -> dict[str, torch.Tensor]:
+def prediction_losses(out: AutoencoderOutput) -> dict[str, torch.Tensor]:
     """Per-prediction terms ``[B, N]`` (unmasked): ``ce``, ``commitment``, ``codebook``."""
     ce = nn.functional.cross_entropy(out.logits, out.targets, reduction="none")
+    beta = out.quantizer.beta  # the quantiser owns the weight (its EMA hook divides it out)
     terms = {"ce": ce, "commitment": beta * per_prediction(out.quantizer.commitment, out)}
     if out.quantizer.codebook is not None:
         terms["codebook"] = per_prediction(out.quantizer.codebook, out)
     return terms
 
 
-def batch_loss(out: AutoencoderOutput, beta: float, count: int | None = None) -> LossTerms:
+def batch_loss(out: AutoencoderOutput, count: int | None = None) -> LossTerms:
     """Sum of ``l_t`` over valid predictions divided by ``count``.
 
     Args:
-        out: the model's output for this micro-batch.
-        beta: commitment weight.
+        out: the model's output for this micro-batch (its quantiser output carries beta).
         count: valid predictions of the whole optimiser step over all micro-batches and ranks;
             defaults to this micro-batch's own count.
     """
@@ -63,7 +63,7 @@ def batch_loss(out: AutoencoderOutput, beta: float, count: int | None = None) ->
     if count < 1:
         raise ValueError("the loss needs at least one valid prediction")
     mask = out.mask.to(out.logits.dtype)
-    sums = {k: (v * mask).sum() / count for k, v in prediction_losses(out, beta).items()}
+    sums = {k: (v * mask).sum() / count for k, v in prediction_losses(out).items()}
     zero = torch.zeros((), dtype=out.logits.dtype, device=out.logits.device)
     loss = sums["ce"] + sums["commitment"] + sums.get("codebook", zero)
     return LossTerms(

@@ -47,7 +47,7 @@ import torchaudio
 from tqdm import tqdm
 
 from model.autoencoder import Autoencoder
-from model.config import load_model_config, resolve_path
+from training.config import load_model_config, resolve_path
 from training.dataset import SPLITS, DatasetWriter, split_of
 
 ASTERISK_ROOT = Path("/usr/share/asterisk/sounds")

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 8 -m training.train --config default --data D --out runs/big
 
 One optimiser step = ``accumulation`` micro-batches of ``windows`` windows of N consecutive
-predictions per rank. The loss contract (DESIGN.md, "The heart"): the valid predictions of all
+predictions per rank. The loss contract (docs/DESIGN.md, "The heart"): the valid predictions of all
 micro-batches on all ranks are counted and all-reduced before the forward passes, and every
 micro-batch's loss is its sum over predictions divided by that global count. DDP averages
 gradients over ranks, so each rank's loss is scaled by the world size; the EMA codebook
@@ -41,10 +41,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.autoencoder import Autoencoder
-from model.config import ModelConfig, from_dict, load_model_config, to_dict
+from model.config import ModelConfig, from_dict, to_dict
 from training import checkpoint as ckpt_io
 from training import distributed as dist
-from training.config import TrainConfig, load_train_config
+from training.config import TrainConfig, load_model_config, load_train_config
 from training.data import Loader, MicroBatch, WindowSampler, fixed_windows, split_lengths
 from training.dataset import Dataset
 from training.loss import batch_loss
@@ -78,7 +78,6 @@ class StepSums:
 def accumulate(
     model: torch.nn.Module,
     batches: list[MicroBatch],
-    beta: float,
     autocast=contextlib.nullcontext,
 ) -> StepSums:
     """Forward and backward over one step's micro-batches; gradients are left in ``.grad``.
@@ -86,7 +85,6 @@ def accumulate(
     Args:
         model: the autoencoder, possibly wrapped in DDP (averaging gradients over ranks).
         batches: this rank's micro-batches of the step.
-        beta: commitment weight.
         autocast: a context manager factory for mixed precision.
     """
     count = torch.tensor(float(sum(b.n_valid() for b in batches)), dtype=torch.float64)
@@ -103,7 +101,7 @@ def accumulate(
                 out = model(b.wave, b.windows, b.n)
             if out.logits.dtype in (torch.bfloat16, torch.float16):
                 out.logits = out.logits.float()  # the softmax and the sums in fp32
-            terms = batch_loss(out, beta, count)
+            terms = batch_loss(out, count)
             (terms.loss * scale).backward()
         sums.loss += terms.loss.detach().double().cpu()
         sums.ce += terms.ce.double().cpu()
@@ -410,9 +408,7 @@ class Trainer:
             for b in self.loader.step(windows, epoch, self.cfg.predictions, self.cfg.accumulation)
         ]
         self.optimizer.zero_grad(set_to_none=True)
-        sums = accumulate(
-            self.forward_model, batches, self.model_cfg.quantizer.beta, self._autocast
-        )
+        sums = accumulate(self.forward_model, batches, self._autocast)
         parts = torch.stack([sums.loss, sums.ce, sums.commitment]).to(self.device)
         loss, ce, commitment = dist.all_reduce_sum(parts).tolist()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf

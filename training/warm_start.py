@@ -1,6 +1,6 @@
 """Start training from an exported model: rebuild its PyTorch weights from the ONNX graphs.
 
-    python -m training.warm_start --model models/bundled --data data/speech --out init.pt
+    python -m training.warm_start --model vqwavenet/models/bundled --data D --out init.pt
     python -m training.train --config small --data data/speech --out runs/next --init-from init.pt
 
 An exported model directory holds every weight the codec uses, so a model whose training
@@ -144,7 +144,7 @@ def remap_speakers(model: Autoencoder, speakers: list[str], wanted: list[str]) -
 def check(model: Autoencoder, model_dir: str | Path, seconds: float = 0.5) -> float:
     """Largest difference between the rebuilt model's teacher-forced log-probabilities and the
     exported engine's on a seeded noise burst (raises `WarmStartError` above 1e-3)."""
-    from export.runtime import Codec
+    from vqwavenet import Codec
 
     codec = Codec(model_dir)
     rng = np.random.default_rng(0)

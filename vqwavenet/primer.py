@@ -1,24 +1,23 @@
 """The primer: a few milliseconds of real speech that every folded segment after the first
 starts from, instead of silence.
 
-    python -m export.primer --model models/bundled --wav clip.wav
-    python -m export.primer --model models/bundled --wav carlo.wav --speaker Carlo
+    python -m vqwavenet.primer --model vqwavenet/models/bundled --wav clip.wav
+    python -m vqwavenet.primer --model vqwavenet/models/bundled --wav carlo.wav --speaker Carlo
 
 A folded segment cannot start from the audio before it (the segments are generated side by
-side), so it starts from some state and must climb out of it. From silence, a sampled segment
-stays quiet for about 1000 samples (the model feeds on its own quiet output) and the engine
-had to generate and drop 960 samples before each cross-fade. From the decoder's state after
-``wavenet_context`` samples of real speech, it starts at the loudness of an unbroken decode,
-and a far shorter burn-in joins as well (`export.runtime.Codec.burn_in`).
+side), so it starts from some state and must climb out of it. From silence a sampled segment
+stays quiet for a long while (the model feeds on its own quiet output), and the engine must
+generate and drop many samples before each cross-fade. From the decoder's state after
+``wavenet_context`` samples of real speech it starts at the loudness of an unbroken decode, and
+a far shorter burn-in joins as well (`vqwavenet.Codec.burn_in`).
 
 The excerpt is stored as ``primer.wav`` (16-bit PCM at the model rate, ``wavenet_context + 1``
 samples) and named, with its sha256, under ``"primer"`` in ``model.json``; the engine encodes
-it and warms the decoder on it once per speaker (`Codec._primed`). Any clip of clean speech
-serves: the window whose loudness is closest to the clip's typical speech level is taken. A
-voice may have its own primer (``--speaker``), which a decode in that voice starts from: in
-Carlo's (male) voice, the bundled model's segments started at 0.62 of the unbroken loudness
-over the first 80 samples and 0.75-0.88 up to 400 from Allison's primer, at 0.96 and
-0.90-1.00 from his own (README).
+it and warms the decoder on it once per speaker (`Codec.primed_state`). Any clip of clean
+speech serves: the window whose loudness is closest to the clip's typical speech level is
+taken. A voice may have its own primer (``--speaker``), which a decode in that voice starts
+from: a voice far from the shared primer's (another sex, say) starts its segments quieter from
+the shared one (``python -m benchmarks.segment_loudness`` measures it).
 
 No torch: numpy, soundfile and the engine's model-directory helpers.
 """
@@ -26,7 +25,6 @@ No torch: numpy, soundfile and the engine's model-directory helpers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,10 +32,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from export.audio import AudioError, load_audio
-from export.runtime import ModelDirError, file_sha256, geometry_from_spec
-
-PRIMER_FILE = "primer.wav"
+from vqwavenet.audio import AudioError, load_audio
+from vqwavenet.model_dir import (
+    PRIMER_FILE,
+    file_sha256,
+    geometry_from_spec,
+    read_meta,
+    speaker_primer_file,
+    write_meta,
+)
 
 
 def choose_excerpt(wave: np.ndarray, length: int, block: int = 320) -> tuple[int, int]:
@@ -47,9 +50,8 @@ def choose_excerpt(wave: np.ndarray, length: int, block: int = 320) -> tuple[int
     ``block``-sample blocks above 1 % of full scale.
 
     A decode from the primer continues the primer's end for a few hundred samples, so its end
-    sets how loud a segment starts: on the bundled model, a primer whose last 80 samples had
-    0.24 RMS (0.14 over its last 320) started segments at twice the unbroken decode's
-    loudness, one ending at 0.04 at two thirds of it."""
+    sets how loud a segment starts: a primer ending loud starts segments too loud, one ending
+    quiet too quiet."""
     if len(wave) < length:
         raise ValueError(f"the clip has {len(wave)} samples; the primer needs {length}")
     x = np.asarray(wave, dtype=np.float64)
@@ -78,17 +80,14 @@ def write_primer(
     that voice's own (``primer.<index>.wav``, under ``"speakers"``), which the engine prefers
     when it decodes in that voice. The default primer must exist first."""
     model_dir = Path(model_dir)
-    meta_path = model_dir / "model.json"
-    if not meta_path.is_file():
-        raise ModelDirError(f"{model_dir}: no model.json (export a checkpoint first)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(model_dir, check_format=False)
     name = PRIMER_FILE
     if speaker is not None:
         if speaker not in meta["speakers"]:
             raise ValueError(f"no speaker {speaker!r} (the model has {meta['speakers']})")
         if "primer" not in meta:
             raise ValueError("write the default primer (no --speaker) first")
-        name = f"primer.{meta['speakers'].index(speaker)}.wav"
+        name = speaker_primer_file(meta["speakers"].index(speaker))
     length = geometry_from_spec(meta["geometry"]).wavenet_context + 1
     start, end = choose_excerpt(wave, length)
     path = model_dir / name
@@ -105,14 +104,14 @@ def write_primer(
         meta["primer"] = {**entry, "speakers": meta.get("primer", {}).get("speakers", {})}
     else:
         meta["primer"].setdefault("speakers", {})[speaker] = entry
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    write_meta(model_dir, meta)
     return entry
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.primer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m vqwavenet.primer", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", required=True, help="an exported model directory")
     p.add_argument("--wav", required=True, help="a clip of clean speech (any rate, any format)")
     p.add_argument("--speaker", help="the voice whose own primer this is (default: every voice's)")
@@ -121,15 +120,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    meta_path = Path(args.model) / "model.json"
-    if not meta_path.is_file():
-        print(f"error: {args.model}: no model.json (export a checkpoint first)", file=sys.stderr)
-        return 1
-    rate = int(json.loads(meta_path.read_text())["sample_rate"])
     try:
+        rate = int(read_meta(args.model, check_format=False)["sample_rate"])
         wave = load_audio(args.wav, rate)
         entry = write_primer(args.model, wave, Path(args.wav).name, args.speaker)
-    except (AudioError, ValueError) as e:
+    except (AudioError, ValueError) as e:  # ModelDirError is a ValueError
         print(f"error: {args.wav}: {e}", file=sys.stderr)
         return 1
     print(

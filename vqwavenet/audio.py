@@ -3,9 +3,10 @@
 `load_audio` turns whatever a user hands over (a path, the bytes of an upload, an open file, or
 Gradio's ``(sample_rate, array)`` tuple) into the one thing the codec takes: a float32 mono
 waveform in [-1, 1] at the model's rate. Anything that would make the codec produce garbage
-silently (not audio, empty, NaN/Inf, too long, pure digital silence, an absurd sample rate) is an
-`AudioError` (a ``ValueError``) whose message says what is wrong, so the CLI and the app can show
-it as is. Standard library, numpy, soundfile and soxr only (no torch).
+silently (not audio, empty, NaN/Inf, too long, an absurd sample rate) is an `AudioError` (a
+``ValueError``) whose message says what is wrong, so the CLI and the app can show it as is.
+Silence is audio: a silent recording encodes and decodes like any other. Standard library,
+numpy, soundfile and soxr only (no torch).
 
 Conventions:
 
@@ -52,7 +53,6 @@ def load_audio(
     source: AudioInput,
     target_sr: int = 16000,
     max_seconds: float | None = 60.0,
-    allow_silence: bool = False,
 ) -> np.ndarray:
     """Load any supported audio as a mono float32 waveform at ``target_sr``.
 
@@ -63,15 +63,13 @@ def load_audio(
         target_sr: the rate to return, Hz.
         max_seconds: longest accepted input in seconds (``None``: no limit). Checked before
             the samples are decoded, so a huge upload costs nothing.
-        allow_silence: accept input whose samples are all exactly zero (pure digital silence),
-            which is otherwise an error because it almost always means a broken recording.
 
     Returns:
         ``[samples]`` float32 in [-1, 1] at ``target_sr``.
 
     Raises:
         AudioError: not audio or unreadable, empty, NaN/Inf samples, over ``max_seconds``,
-            digital silence, a sample rate outside [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE].
+            a sample rate outside [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE].
     """
     _check_rate(target_sr, "target sample rate")
     if isinstance(source, tuple):
@@ -85,18 +83,8 @@ def load_audio(
             f"{where}audio contains NaN or infinite samples "
             f"({decoded.nonfinite} of {decoded.values})"
         )
-    if peak == 0.0 and not allow_silence:
-        raise AudioError(
-            f"{where}audio is pure digital silence (every sample is zero): nothing to encode "
-            "(allow_silence=True accepts it)"
-        )
     if peak > OVERSHOOT_LIMIT:
         mono /= peak
-    if peak > 0.0 and not np.any(mono) and not allow_silence:
-        raise AudioError(
-            f"{where}audio mixes down to digital silence: its channels cancel out (one is the "
-            "negative of another); pick one channel (allow_silence=True accepts it)"
-        )
     if sr != target_sr:
         mono = soxr.resample(mono, sr, target_sr, quality=RESAMPLE_QUALITY)
         if mono.size == 0:
@@ -129,6 +117,21 @@ def save_wav(path: str | os.PathLike | BinaryIO, wave: np.ndarray, sr: int) -> N
         raise AudioError(f"save_wav writes mono audio [samples], got shape {wave.shape}")
     _check_rate(sr, "sample rate")
     sf.write(path, to_int16(wave), int(sr), subtype="PCM_16", format="WAV")
+
+
+def mulaw_encode(x: np.ndarray, q: int = 256) -> np.ndarray:
+    """Waveform in [-1, 1] -> classes in [0, q) (float32 arithmetic, as `model.mulaw`)."""
+    mu = q - 1
+    x = np.asarray(x, dtype=np.float32)
+    y = np.sign(x) * np.log1p(mu * np.minimum(np.abs(x), 1.0)) / np.float32(math.log1p(mu))
+    return np.clip(np.floor((y + 1) / 2 * mu + 0.5), 0, mu).astype(np.int64)
+
+
+def mulaw_decode(c: np.ndarray, q: int = 256) -> np.ndarray:
+    """Classes -> waveform in [-1, 1] (float32)."""
+    mu = q - 1
+    y = 2 * np.asarray(c, dtype=np.float64) / mu - 1
+    return (np.sign(y) * ((1 + mu) ** np.abs(y) - 1) / mu).astype(np.float32)
 
 
 def _check_rate(sr, what: str) -> int:
