@@ -82,3 +82,7 @@ def test_an_installed_codec_has_no_torch_and_runs_from_any_folder(wheel, tmp_pat
         [cli, "train", "--help"], cwd=work, env=env, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "vqwavenet[train]" in missing.stderr
+    missing = subprocess.run(
+        [cli, "evaluate", "--help"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "vqwavenet[eval]" in missing.stderr

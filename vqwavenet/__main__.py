@@ -39,6 +39,9 @@ COMMANDS = {
     "prepare": Command("training.prepare", "prepare a corpus for training", "train", "torch"),
     "train": Command("training.train", "train a model", "train", "torch"),
     "export": Command("export.__main__", "export a checkpoint to ONNX", "train", "torch"),
+    "warm-start": Command(
+        "training.warm_start", "trainable weights from an exported model", "train", "torch"
+    ),
     "evaluate": Command("training.evaluate", "evaluate a model", "eval", "pocketsphinx"),
     "invariance": Command("training.invariance", "check batch invariance", "train", "torch"),
 }
