@@ -31,19 +31,22 @@ def test_benchmark_times_trainer_steps_and_leaves_determinism_as_it_found_it(
     data, capsys, restore_determinism
 ):
     argv = ["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "3"]
-    argv += ["--skip", "1", "--windows", "2", "--variants", "bf16-deterministic", "fp32"]
+    argv += ["--skip", "1", "--windows", "2"]
+    argv += ["--variants", "bf16-deterministic", "bf16", "fp32"]
     assert main([*argv, "--profile", "1"]) == 0
     out = capsys.readouterr().out
-    det, fp32 = _rows(out)
-    assert det["deterministic"] and not fp32["deterministic"]
+    det, bf16, fp32 = _rows(out)
+    assert det["deterministic"] and not bf16["deterministic"] and not fp32["deterministic"]
     assert not torch.are_deterministic_algorithms_enabled()  # reset after its variant
-    for r in (det, fp32):
+    for r in (det, bf16, fp32):
         assert r["bench"] == "train_throughput" and r["windows"] == 2 and r["timed_steps"] == 2
         assert r["samples_per_s"] >= r["samples_per_s_min"] > 0
-        assert not r["amp"]  # autocast is a CUDA-only setting of the trainer
+        assert r["amp"] == r["variant"].startswith("bf16")  # bf16 autocasts on CPU too
         assert r["profile_wall_ms_per_step"] > 0
-    # Same seed, same steps: on CPU the deterministic switch changes nothing.
-    assert det["loss_first"] == fp32["loss_first"] and det["loss_last"] == fp32["loss_last"]
+    # Same seed, same steps: on CPU the deterministic switch changes nothing; autocast does.
+    assert det["loss_first"] == bf16["loss_first"] and det["loss_last"] == bf16["loss_last"]
+    assert bf16["loss_first"] != fp32["loss_first"]
+    assert bf16["loss_first"] == pytest.approx(fp32["loss_first"], rel=1e-2)
     assert "# profile: tiny fp32, 1 steps" in out and "aten::" in out
     assert "| tiny | cpu | fp32 | 2 x " in out
 
