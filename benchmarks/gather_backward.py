@@ -6,12 +6,12 @@
 `model.decoder` adds per-layer conditioning gathered along time by an index that repeats each
 50 Hz column for a run of ``hop`` samples. The gather's backward sums each run. PyTorch does
 it with ``scatter_add``: one atomic add per element on CUDA, every element of a run on the
-same address (the H100 profile of 2026-11-26 gave it 16 % of device time, and it is not
-deterministic). Candidates, all on ``grad [B, C, T]`` and a non-decreasing ``index [B, T]``:
+same address (a large share of an H100 step's device time, `benchmarks/results/`; and it is
+not deterministic). Candidates, all on ``grad [B, C, T]`` and a non-decreasing ``index [B, T]``:
 
 * ``scatter_add``: ``zeros.scatter_add_``, what autograd runs as ``torch.gather``'s backward
-  (the baseline). The first version of this benchmark, used for the H100 run of 2026-11-26,
-  timed the forward gather here too, which overstated the speedups (about 2x on CPU).
+  (the baseline), timed alone: an earlier version of this benchmark timed the forward gather
+  here too, which overstated the speedups (`benchmarks/results/h100_2026-11-26/README.md`).
 * ``segment_rows``: ``segment_reduce`` per batch row, run lengths by ``bincount`` (which syncs
   on CUDA): the CPU path before this benchmark.
 * ``segment``: one ``segment_reduce`` over ``[B * C, T]``, run lengths by ``searchsorted``

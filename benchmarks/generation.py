@@ -14,10 +14,10 @@ Per config (random weights: speed does not depend on training), fp32 and int8:
   segments, later ones started from the primer (`vqwavenet.primer`, cut from a test clip as
   ``python -m export`` does) with a 160-sample burn-in.
 * ``onnx_folded_<W>w_steady``: later segments started from silence, quarter-second with the
-  960-sample burn-in that needs (``Codec(warmup="steady")``), the defaults from 2026-11-26
-  09:00 to 14:00 UTC and still those of a model directory without a primer.
+  960-sample burn-in that needs (``Codec(warmup="steady")``): the engine's former defaults,
+  and still those of a model directory without a primer.
 * ``onnx_folded_<W>w_no_burn_in``: the same with eighth-second segments started from silence
-  and no burn-in, the engine's defaults before 2026-11-26: the joins cost intelligibility
+  and no burn-in, the engine's first defaults: the joins cost intelligibility
   (``benchmarks.resynth_quality``).
 * ``onnx_batch<N>``: ``--files`` files of ``--seconds`` each in one `Codec.decode_many` call
   (a folder through the CLI, or the app's concurrent requests): enough segments to fill
