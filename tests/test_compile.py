@@ -89,7 +89,7 @@ def test_short_window_fails_under_compile_too(setup):
 
 
 def test_jitter_hash_keeps_its_values():
-    """Golden values of the hash as it was with Python-int seed and epoch (2026-11-26): the
+    """Golden values of the hash as it was with Python-int seed and epoch: the
     int64 tensors must not change a draw."""
     u = uniform_hash(123456789, 41, torch.tensor([[0], [7]]), torch.tensor([[-2, 0, 5, 100000]]))
     want = [[1971814321, 3166228598, 3443665199, 2872643233]]
@@ -100,7 +100,7 @@ def test_jitter_hash_keeps_its_values():
 def test_jitter_hash_compiles_with_symbolic_seed_and_epoch():
     """Under ``dynamic=True`` the seed and epoch are symbolic integers; Inductor (torch 2.11,
     CPU) typed them as float in C++ that did not build, when they entered the hash as Python
-    integers (checked 2026-11-26: CppCompileError)."""
+    integers (a CppCompileError when last checked)."""
     k = torch.arange(-3, 500)[None]
     utt = torch.arange(4)[:, None]
     torch._dynamo.reset()

@@ -6,8 +6,7 @@ CI has no GPU, so every test here is skipped there; on a GPU machine run
 
 (`benchmarks/cuda_run.sh` does, with the CUDA benchmarks). Where the CPU suite has the same
 check (invariance, bf16 autocast, DDP), it is reused with ``device="cuda"``, so the two cannot
-drift apart. On an H100 on 2026-11-26 (benchmarks/results/h100_2026-11-26) all 12 of run 4
-passed, and run 9 passed both resume tests, the compiled one added after run 4.
+drift apart. Their results on real GPUs are logged under benchmarks/results/.
 """
 
 from __future__ import annotations

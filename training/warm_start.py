@@ -28,7 +28,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from model.autoencoder import Autoencoder
+from model.autoencoder import Autoencoder, Windows
 from model.config import ModelConfig, from_dict, to_dict
 from training.dataset import Dataset
 
@@ -151,8 +151,6 @@ def check(model: Autoencoder, model_dir: str | Path, seconds: float = 0.5) -> fl
     wave = (0.1 * rng.standard_normal(int(seconds * codec.sample_rate))).astype(np.float32)
     want = codec.teacher_forced([wave], 0)[0]  # [n, Q]
     padded, left, n_frames = model.pad(torch.from_numpy(wave)[None])
-    from model.autoencoder import Windows
-
     n = len(wave)
     win = Windows(
         start=torch.zeros(1, dtype=torch.long),
