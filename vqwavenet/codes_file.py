@@ -13,13 +13,14 @@ Format, version 1 (all integers little-endian)::
     10      H     header: a UTF-8 JSON object, exactly these keys
                     "model_id"       str, non-empty: which model made the codes
                     "model_hash"     str, non-empty: hash of that model's weights
-                    "sample_rate"    int > 0: rate of the audio the codes decode to (Hz)
-                    "hop"            int > 0: samples per frame
+                    "sample_rate"    int in [1, 384000]: rate of the audio the codes decode
+                                     to (Hz)
+                    "hop"            int in [1, 65536]: samples per frame
                     "codebook_size"  int K, 1 <= K <= 65536
-                    "speaker"        {"name": str, non-empty, "index": int >= 0}: the speaker
-                                     the decoder uses by default
-                    "num_samples"    int >= 1: samples of the original audio
-                    "num_frames"     int >= 1: number of codes that follow
+                    "speaker"        {"name": str, non-empty, "index": int in [0, 65535]}:
+                                     the speaker the decoder uses by default
+                    "num_samples"    int in [1, 2**48]: samples of the original audio
+                    "num_frames"     int in [1, 2**48]: number of codes that follow
                     "codes_dtype"    "uint8" when K <= 256, else "uint16"
     10 + H  F*B   codes: F = num_frames values of codes_dtype (B = 1 or 2 bytes), each in [0, K)
     end           nothing may follow the codes
@@ -29,6 +30,18 @@ loaded, and the codec's utterance padding gives every recording of one or more s
 one frame, so a header with zero frames or zero samples is malformed rather than a valid empty
 file. How many frames a sample count needs is the model's geometry, not this format's: the
 decoder checks ``num_frames`` against its own geometry.
+
+The upper bounds are far beyond any real file and keep every header number safe to compute
+with: the sample rate is the largest the audio loader accepts (`vqwavenet.audio`), a hop or a
+speaker index of 65536 is absurd for a speech codec, and 2**48 samples (over twenty years at
+384 kHz) stays exact as a float (below 2**53), so durations and frame arithmetic never
+overflow. Header strings must be valid Unicode: a lone UTF-16 surrogate (JSON ``"\ud800"``)
+is malformed, so no such character reaches a UTF-8 stream.
+
+Every malformed input, however hostile (deep JSON nesting, numbers of thousands of digits,
+binary garbage), is a `CodesFileError`, never another exception; its message quotes what the
+file holds escaped and cut short (`vqwavenet.safe_text`), and names a file by the path the
+caller gave, or a file object by its base name only (an upload's server folder stays private).
 
 Example::
 
@@ -44,16 +57,23 @@ import io
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
+
+from vqwavenet.safe_text import printable, quote, show_path
 
 MAGIC = b"VQWC"
 VERSION = 1
 SUFFIX = ".vqwc"
 MAX_HEADER_BYTES = 1 << 16
 MAX_CODEBOOK_SIZE = 1 << 16
+MAX_SAMPLE_RATE = 384_000  # Hz: vqwavenet.audio.MAX_SAMPLE_RATE (not imported: no soundfile)
+MAX_HOP = 1 << 16  # samples per frame
+MAX_SPEAKER_INDEX = (1 << 16) - 1
+MAX_LENGTH = 1 << 48  # samples or frames; below 2**53, so exact as a float
 _PREAMBLE = struct.Struct("<4sHI")  # magic, version, header length
 _READ_CHUNK = 1 << 20
 _FIELDS = (
@@ -107,12 +127,12 @@ class CodesFile:
     def __post_init__(self):
         _check_str("model_id", self.model_id)
         _check_str("model_hash", self.model_hash)
-        _check_int("sample_rate", self.sample_rate, 1)
-        _check_int("hop", self.hop, 1)
+        _check_int("sample_rate", self.sample_rate, 1, MAX_SAMPLE_RATE)
+        _check_int("hop", self.hop, 1, MAX_HOP)
         _check_int("codebook_size", self.codebook_size, 1, MAX_CODEBOOK_SIZE)
         _check_str("speaker name", self.speaker_name)
-        _check_int("speaker index", self.speaker_index, 0)
-        _check_int("num_samples", self.num_samples, 1)
+        _check_int("speaker index", self.speaker_index, 0, MAX_SPEAKER_INDEX)
+        _check_int("num_samples", self.num_samples, 1, MAX_LENGTH)
         for name in ("sample_rate", "hop", "codebook_size", "speaker_index", "num_samples"):
             setattr(self, name, int(getattr(self, name)))  # numpy ints are not JSON
         codes = np.asarray(self.codes)
@@ -122,6 +142,7 @@ class CodesFile:
             raise CodesFileError(f"codes must be integers, got dtype {codes.dtype}")
         if codes.size == 0:
             raise CodesFileError("codes must hold at least one frame, got 0")
+        _check_int("num_frames", codes.size, 1, MAX_LENGTH)
         _check_range(codes, self.codebook_size)
         self.codes = codes.astype(codes_dtype(self.codebook_size).newbyteorder("="))
 
@@ -185,16 +206,19 @@ class CodesFile:
                 rejected.
 
         Raises:
-            CodesFileError: naming the source and what is wrong.
+            CodesFileError: naming the source (a path as given, a file object by its base
+                name) and what is wrong.
         """
         if hasattr(source, "read"):
             name = getattr(source, "name", None)
-            return cls._parse(source, expected_model, name if isinstance(name, str) else None)
+            name = show_path(os.path.basename(name)) if isinstance(name, str | bytes) else None
+            return cls._parse(source, expected_model, name)
+        name = show_path(source) if isinstance(source, str | bytes | os.PathLike) else None
         try:
             with open(source, "rb") as f:
-                return cls._parse(f, expected_model, os.fspath(source))
+                return cls._parse(f, expected_model, name)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            raise CodesFileError(f"{os.fspath(source)}: cannot open: {e.strerror}") from e
+            raise CodesFileError(f"{name}: cannot open: {e.strerror}") from e
 
     @classmethod
     def _parse(
@@ -278,8 +302,16 @@ def _parse_header(raw: bytes) -> dict:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as e:
         raise CodesFileError(f"malformed header: not UTF-8 ({e.reason} at byte {e.start})") from e
+    except CodesFileError:
+        raise
     except json.JSONDecodeError as e:
         raise CodesFileError(f"malformed header: not JSON ({e.msg} at char {e.pos})") from e
+    except ValueError as e:  # the only other one json raises: Python's int-string limit
+        raise CodesFileError(
+            f"malformed header: a number of over {sys.get_int_max_str_digits()} digits"
+        ) from e
+    except RecursionError as e:  # the header's own nesting is two levels deep
+        raise CodesFileError("malformed header: nested too deeply") from e
     if not isinstance(header, dict):
         raise CodesFileError(
             f"malformed header: expected a JSON object, got {type(header).__name__}"
@@ -289,31 +321,39 @@ def _parse_header(raw: bytes) -> dict:
         raise CodesFileError(f"malformed header: missing field(s) {', '.join(missing)}")
     unknown = sorted(set(header) - set(_FIELDS))
     if unknown:
-        raise CodesFileError(f"malformed header: unknown field(s) {', '.join(unknown)}")
+        raise CodesFileError(f"malformed header: unknown field(s) {_quote_keys(unknown)}")
     speaker = header["speaker"]
     if not isinstance(speaker, dict) or set(speaker) != {"name", "index"}:
         raise CodesFileError(
-            f"malformed header: speaker must be an object with keys name and index, got {speaker!r}"
+            "malformed header: speaker must be an object with keys name and index, "
+            f"got {quote(speaker)}"
         )
     try:
         _check_str("model_id", header["model_id"])
         _check_str("model_hash", header["model_hash"])
-        _check_int("sample_rate", header["sample_rate"], 1)
-        _check_int("hop", header["hop"], 1)
+        _check_int("sample_rate", header["sample_rate"], 1, MAX_SAMPLE_RATE)
+        _check_int("hop", header["hop"], 1, MAX_HOP)
         _check_int("codebook_size", header["codebook_size"], 1, MAX_CODEBOOK_SIZE)
         _check_str("speaker name", speaker["name"])
-        _check_int("speaker index", speaker["index"], 0)
-        _check_int("num_samples", header["num_samples"], 1)
-        _check_int("num_frames", header["num_frames"], 1)
+        _check_int("speaker index", speaker["index"], 0, MAX_SPEAKER_INDEX)
+        _check_int("num_samples", header["num_samples"], 1, MAX_LENGTH)
+        _check_int("num_frames", header["num_frames"], 1, MAX_LENGTH)
     except CodesFileError as e:
         raise CodesFileError(f"malformed header: {e}") from e
     want = codes_dtype(header["codebook_size"]).name
     if header["codes_dtype"] != want:
         raise CodesFileError(
-            f"malformed header: codes_dtype {header['codes_dtype']!r} does not match "
+            f"malformed header: codes_dtype {quote(header['codes_dtype'])} does not match "
             f"codebook_size {header['codebook_size']} (expected {want!r})"
         )
     return header
+
+
+def _quote_keys(keys: list[str], most: int = 5) -> str:
+    """Field names from a file, quoted when they hold anything but plain identifier text."""
+    shown = [k if k.isidentifier() and k.isascii() and len(k) <= 40 else quote(k) for k in keys]
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return ", ".join(shown[:most]) + more
 
 
 def _model_ref(expected) -> ModelRef:
@@ -329,36 +369,49 @@ def _model_ref(expected) -> ModelRef:
 
 def _unique_keys(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    dup = sorted(k for k, n in counts.items() if n > 1)
     if dup:
-        raise CodesFileError(f"malformed header: duplicate field(s) {', '.join(dup)}")
+        raise CodesFileError(f"malformed header: duplicate field(s) {_quote_keys(dup)}")
     return dict(pairs)
 
 
 def _check_model(header: dict, expected: ModelRef) -> None:
-    made = f"model {header['model_id']!r} (hash {header['model_hash']})"
+    made = f"model {quote(header['model_id'])} (hash {printable(_cut(header['model_hash']))})"
     if header["model_id"] != expected.model_id:
         raise CodesFileError(
-            f"made by another model: {made}, but this model is {expected.model_id!r}"
+            f"made by another model: {made}, but this model is {quote(expected.model_id)}"
         )
     if expected.model_hash is not None and header["model_hash"] != expected.model_hash:
         raise CodesFileError(
-            f"made by another model: {made}, but this model {expected.model_id!r} has hash "
-            f"{expected.model_hash} (different weights)"
+            f"made by another model: {made}, but this model {quote(expected.model_id)} has "
+            f"hash {printable(_cut(expected.model_hash))} (different weights)"
         )
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
 def _check_str(name: str, value) -> None:
     if not isinstance(value, str) or not value:
-        raise CodesFileError(f"{name} must be a non-empty string, got {value!r}")
+        raise CodesFileError(f"{name} must be a non-empty string, got {quote(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CodesFileError(
+            f"{name} is not valid Unicode: a lone surrogate at character {e.start} of "
+            f"{quote(value)}"
+        ) from None
 
 
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+def _check_int(name: str, value, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise CodesFileError(f"{name} must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise CodesFileError(f"{name} must be {bound}, got {value}")
+        raise CodesFileError(f"{name} must be an integer, got {quote(value)}")
+    if not lo <= value <= hi:
+        raise CodesFileError(f"{name} must be in [{lo}, {hi}], got {quote(value)}")
 
 
 def _check_range(codes: np.ndarray, codebook_size: int) -> None:
