@@ -301,3 +301,106 @@ def test_resampling_keeps_the_passband_and_removes_what_would_alias():
     spec = np.abs(np.fft.rfft(wave * np.hanning(len(wave)))) / (len(wave) / 4)  # 1 Hz bins
     assert spec[7000] == pytest.approx(0.4, rel=0.01)
     assert spec[4990:5011].max() < 0.4e-4  # the alias, at least 80 dB down
+
+
+# --- streams of unknown length, and file names that are not UTF-8 -----------------------------
+
+
+def unknown_length_flac(data: np.ndarray, sr: int, blocks: int = 1) -> bytes:
+    """A FLAC file whose STREAMINFO states no length (total samples 0), as a FLAC written to a
+    pipe has: ``data`` repeated ``blocks`` times."""
+    import struct
+
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", sr, 1, "PCM_16", format="FLAC") as f:
+        for _ in range(blocks):
+            f.write(data)
+    raw = bytearray(buf.getvalue())
+    assert raw[:4] == b"fLaC" and raw[4] & 0x7F == 0  # STREAMINFO comes first
+    # STREAMINFO from byte 8: block sizes (4 bytes), frame sizes (6), then 64 bits holding
+    # rate (20), channels - 1 (3), bits - 1 (5) and total samples (36).
+    (fields,) = struct.unpack_from(">Q", raw, 18)
+    assert fields & ((1 << 36) - 1) == len(data) * blocks
+    struct.pack_into(">Q", raw, 18, fields & ~((1 << 36) - 1))
+    with sf.SoundFile(io.BytesIO(bytes(raw))) as f:
+        assert f.frames == 2**63 - 1  # libsndfile's "unknown"
+    return bytes(raw)
+
+
+def test_load_audio_reads_a_flac_stream_of_unknown_length(tmp_path):
+    """A valid FLAC whose header does not state its length loads like the same audio with it,
+    from bytes, a file object or a path, and with or without a length limit."""
+    pcm = to_int16(sine(16000, seconds=1.3))
+    data = unknown_length_flac(pcm, 16000)
+    expected = load_audio((16000, pcm))
+    path = tmp_path / "stream.flac"
+    path.write_bytes(data)
+    for source in (data, io.BytesIO(data), path):
+        np.testing.assert_array_equal(load_audio(source), expected)
+    np.testing.assert_array_equal(load_audio(path, max_seconds=None), expected)
+    with pytest.raises(AudioError, match=r"stream\.flac: audio is over the 1\.2 s limit"):
+        load_audio(path, max_seconds=1.2)
+
+
+def test_load_audio_refuses_a_long_stream_of_unknown_length_early(tmp_path):
+    """Twenty minutes of silence compress to a few kilobytes of FLAC that states no length: the
+    limit is enforced while decoding, so the refusal comes after about a second of audio with
+    memory to match, not after decoding everything (over 70 MB as float64)."""
+    import tracemalloc
+
+    data = unknown_length_flac(np.zeros(8000 * 60, np.int16), 8000, blocks=20)
+    assert len(data) < 50_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioError, match="audio is over the 1 s limit") as e:
+            load_audio(data, max_seconds=1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "s long" not in str(e.value)  # no length made up from libsndfile's "unknown"
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB while refusing"
+
+
+@pytest.fixture
+def non_utf8_dir(tmp_path):
+    """``tmp_path`` as a str on which Linux file names that are not UTF-8 can be built."""
+    import os
+    import sys
+
+    if sys.platform == "win32" or sys.getfilesystemencoding() != "utf-8":
+        pytest.skip("file names that are not UTF-8 are a POSIX matter")
+    try:
+        probe = os.fsdecode(os.fsencode(tmp_path) + b"/\xff")
+        Path(probe).write_bytes(b"")
+        Path(probe).unlink()
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return tmp_path
+
+
+def test_load_and_save_audio_with_file_names_that_are_not_utf8(non_utf8_dir):
+    """Linux hands a name like b'caf\\xe9.wav' to Python as 'caf\\udce9.wav': such a file loads
+    and saves, and a message naming it is printable (the byte shows as \\xe9)."""
+    import os
+
+    name = os.fsdecode(os.fsencode(non_utf8_dir) + b"/caf\xe9.wav")
+    save_wav(name, sine(16000), 16000)
+    assert os.path.getsize(os.fsencode(name)) > 0
+    assert_sine(load_audio(name), atol=1 / 16000)
+    assert_sine(load_audio(Path(name)), atol=1 / 16000)
+    broken = os.fsdecode(os.fsencode(non_utf8_dir) + b"/caf\xe9 broken.wav")
+    Path(broken).write_bytes(b"not audio at all")
+    with pytest.raises(AudioError) as e:
+        load_audio(broken)
+    msg = str(e.value)
+    msg.encode("utf-8")
+    assert "caf\\xe9 broken.wav: not audio or unreadable" in msg and msg.isprintable()
+
+
+def test_load_audio_names_a_file_object_by_its_base_name(tmp_path):
+    """A file object (say an upload the server saved) is named without its folder."""
+    path = tmp_path / "upload.wav"
+    path.write_bytes(b"not audio at all")
+    with open(path, "rb") as f, pytest.raises(AudioError) as e:
+        load_audio(f)
+    assert str(e.value).startswith("upload.wav: not audio") and str(tmp_path) not in str(e.value)

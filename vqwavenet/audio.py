@@ -21,6 +21,12 @@ Conventions:
   transposed.
 * Resampling uses soxr at high quality ("HQ", linear phase, delay compensated); the output has
   about ``n * target_sr / sr`` samples (soxr rounds) and is clipped to [-1, 1] like the input.
+* Files are decoded in blocks and the length limit is enforced while decoding, so a stream
+  that does not state its length (a FLAC written to a pipe) loads, and a small file that
+  decodes to hours is refused after about ``max_seconds`` of audio, with memory to match.
+* Messages name a path as the caller gave it (printable: a Linux name that is not UTF-8
+  shows its odd bytes as ``\\xNN``) and a file object by its base name only, so an upload's
+  server folder stays private.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -35,10 +42,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from vqwavenet.safe_text import printable, show_path
+
 MIN_SAMPLE_RATE = 4_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
 _BLOCK = 1 << 16  # frames decoded at a time: memory stays bounded by the mono output
+_UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count of a stream that states no length
 RESAMPLE_QUALITY = "HQ"
 OVERSHOOT_LIMIT = 2.0  # peaks up to this are clipped, larger ones scaled down (see above)
 
@@ -61,8 +71,10 @@ def load_audio(
             reads); a binary file object; or ``(sample_rate, array)`` as Gradio gives it, the
             array ``[samples]`` or ``[samples, channels]`` of any integer or float dtype.
         target_sr: the rate to return, Hz.
-        max_seconds: longest accepted input in seconds (``None``: no limit). Checked before
-            the samples are decoded, so a huge upload costs nothing.
+        max_seconds: longest accepted input in seconds (``None``: no limit). Checked against
+            the length a file states before decoding it, so a huge upload costs nothing, and
+            again while decoding, so a file that states no length (or a wrong one) costs no
+            more than ``max_seconds`` of audio.
 
     Returns:
         ``[samples]`` float32 in [-1, 1] at ``target_sr``.
@@ -116,6 +128,8 @@ def save_wav(path: str | os.PathLike | BinaryIO, wave: np.ndarray, sr: int) -> N
     if wave.ndim != 1:
         raise AudioError(f"save_wav writes mono audio [samples], got shape {wave.shape}")
     _check_rate(sr, "sample rate")
+    if isinstance(path, str | os.PathLike):
+        path = _sf_path(path)
     sf.write(path, to_int16(wave), int(sr), subtype="PCM_16", format="WAV")
 
 
@@ -153,6 +167,31 @@ def _check_length(n: int, sr: int, max_seconds: float | None) -> None:
         raise AudioError(f"audio is {n / sr:.1f} s long, over the {max_seconds:g} s limit")
 
 
+def _sf_path(path: str | os.PathLike) -> str | bytes:
+    """A path soundfile can open. soundfile encodes a str path strictly, but on POSIX a file
+    name that is not valid in the file system's encoding reaches Python with surrogate
+    escapes (b'caf\\xe9.wav' is 'caf\\udce9.wav'): such a name goes as its original bytes."""
+    path = os.fspath(path)
+    if isinstance(path, str) and sys.platform != "win32":
+        try:
+            path.encode(sys.getfilesystemencoding())
+        except UnicodeEncodeError:
+            return os.fsencode(path)
+    return path
+
+
+class _SoundFile(sf.SoundFile):
+    """A SoundFile that reads a stream of unknown length front to back.
+
+    After every read of a seekable file soundfile seeks to where the read ended, and libsndfile
+    cannot seek in a FLAC stream whose header states no length (it reports ``_UNKNOWN_FRAMES``
+    frames), so such a file counts as unseekable: its blocks are read one after another and
+    nothing else is needed of it."""
+
+    def seekable(self) -> bool:
+        return super().seekable() and self.frames != _UNKNOWN_FRAMES
+
+
 @dataclass
 class _Decoded:
     """A mixed-down input and what the checks need to know about its channels."""
@@ -178,12 +217,20 @@ def _mixdown(blocks) -> _Decoded:
     return _Decoded(mono, peak, nonfinite, values)
 
 
-def _blocks(f: sf.SoundFile):
-    """``[frames, channels]`` float32 blocks of an open file until its end."""
+def _blocks(f: sf.SoundFile, max_seconds: float | None):
+    """``[frames, channels]`` float32 blocks of an open file until its end; `AudioError` as
+    soon as more than ``max_seconds`` have been decoded."""
+    frames = 0
     while True:
         block = f.read(_BLOCK, dtype="float32", always_2d=True)
         if block.shape[0] == 0:
             return
+        frames += block.shape[0]
+        if max_seconds is not None and frames > max_seconds * f.samplerate:
+            raise AudioError(
+                f"audio is over the {max_seconds:g} s limit (stopped decoding at "
+                f"{frames / f.samplerate:.1f} s)"
+            )
         yield block
 
 
@@ -196,35 +243,41 @@ def _from_file(source, max_seconds: float | None) -> tuple[int, _Decoded]:
             raise AudioError("not audio: the upload is empty (zero bytes)")
         name, source = "the uploaded data", io.BytesIO(bytes(source))
     elif isinstance(source, str | os.PathLike):
-        name = os.fspath(source)
-        if not os.path.exists(name):
+        path, name = os.fspath(source), show_path(source)
+        if not os.path.exists(path):
             raise AudioError(f"{name}: no such file")
-        if os.path.isdir(name):
+        if os.path.isdir(path):
             raise AudioError(f"{name}: is a directory, not an audio file")
-        if os.path.getsize(name) == 0:
+        if os.path.getsize(path) == 0:
             raise AudioError(f"{name}: not audio: the file is empty (zero bytes)")
+        source = _sf_path(path)
     elif hasattr(source, "read"):
         name = getattr(source, "name", None)
-        name = name if isinstance(name, str) else "the given file object"
+        if isinstance(name, str | bytes):
+            name = show_path(os.path.basename(name))
+        else:
+            name = "the given file object"
     else:
         raise AudioError(
             f"cannot load audio from a {type(source).__name__}: pass a path, bytes, a file "
             "object or (sample_rate, array)"
         )
     try:
-        with sf.SoundFile(source) as f:
+        with _SoundFile(source) as f:
             sr = _check_rate(f.samplerate, "sample rate")
             if f.channels > MAX_CHANNELS:
                 raise AudioError(f"{f.channels} channels, at most {MAX_CHANNELS} supported")
-            if f.frames > 0 or f.seekable():  # frames is 0 for unseekable streams of unknown size
+            # A stated length is checked before decoding; a stream states none when frames is
+            # _UNKNOWN_FRAMES (a FLAC written to a pipe) or 0 and unseekable (a pipe itself).
+            if 0 < f.frames < _UNKNOWN_FRAMES or (f.frames == 0 and f.seekable()):
                 _check_length(f.frames, sr, max_seconds)
-            decoded = _mixdown(_blocks(f))
+            decoded = _mixdown(_blocks(f, max_seconds))
             decoded.name = name
     except AudioError as e:
         raise AudioError(f"{name}: {e}") from None
     except (sf.SoundFileError, RuntimeError, OSError, EOFError, TypeError, ValueError) as e:
         reason = str(e).rsplit(": ", 1)[-1] if isinstance(e, sf.SoundFileError) else str(e)
-        raise AudioError(f"{name}: not audio or unreadable ({reason})") from e
+        raise AudioError(f"{name}: not audio or unreadable ({printable(reason)})") from e
     try:
         _check_length(decoded.mono.size, sr, max_seconds)
     except AudioError as e:
