@@ -3,17 +3,27 @@
     python -m app [--model vqwavenet/models/bundled] [--host 127.0.0.1] [--port 7860]
 
 Runs on the onnxruntime engine (no torch). Requests wait in a queue and at most
-``--concurrency`` run at once; uploads over ``--max-file-size`` are refused by the server and
-audio over ``--max-seconds`` by the app, with a message, while the server goes on serving.
+``--concurrency`` run the model at once (all endpoints together); uploads over
+``--max-file-size`` are refused by the server and audio over ``--max-seconds`` by the app, with
+a message, while the server goes on serving.
+
+Listening beyond this machine (``--share``, or a ``--host`` that is not loopback) needs
+``--auth-file`` (Gradio's login; one ``user:password`` per line), or ``--insecure-no-auth``
+where a front end in front of the app authenticates. Uploads and results are the owner's only
+and removed when the process ends, on Ctrl-C and on SIGTERM alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
+import signal
 import sys
+from pathlib import Path
 
+from app.scratch import private_gradio_cache
 from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, ModelLoadError
 
 
@@ -43,7 +53,55 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="requests run at once")
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting at most")
     p.add_argument("--share", action="store_true", help="also open a public Gradio link")
+    p.add_argument(
+        "--auth-file",
+        type=Path,
+        help="require a login: a file of user:password lines (needed with --share or a "
+        "non-loopback --host)",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve beyond loopback without a login (only behind a front end that authenticates)",
+    )
     return p
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def read_auth(path: Path) -> list[tuple[str, str]]:
+    """The (user, password) pairs of an auth file: one ``user:password`` per line; blank lines
+    and lines starting with # are skipped. Raises ValueError with the line number of a bad one."""
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not (sep and user and password):
+            raise ValueError(f"{path}, line {number}: expected user:password")
+        pairs.append((user, password))
+    if not pairs:
+        raise ValueError(f"{path} holds no user:password line")
+    return pairs
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (how services are stopped) ends the server as Ctrl-C does, so the exit
+    handlers remove the uploads, results and scratch files."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def fatal(message: str, code: int = 1) -> int:
@@ -60,7 +118,23 @@ def main(argv=None) -> int:
         parser.error("--concurrency and --queue-size must be >= 1")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    exposed = args.share or not is_loopback(args.host)
+    if exposed and args.auth_file is None and not args.insecure_no_auth:
+        where = "--share" if args.share else f"--host {args.host}"
+        parser.error(
+            f"{where} serves beyond this machine: give --auth-file FILE (user:password lines) "
+            "for a login, or --insecure-no-auth if a front end authenticates"
+        )
+    auth = None
+    if args.auth_file is not None:
+        try:
+            auth = read_auth(args.auth_file)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return fatal(f"--auth-file: {e}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.umask(0o077)  # uploads, results and caches: the owner's only
+    private_gradio_cache()  # before Gradio is imported: some of its modules read it then
+    _stop_on_sigterm()
     try:
         service = CodecService(args.model, max_seconds=args.max_seconds, int8=args.int8)
     except ModelLoadError as e:
@@ -76,6 +150,7 @@ def main(argv=None) -> int:
             queue_size=args.queue_size,
             max_file_size=args.max_file_size,
             share=args.share,
+            auth=auth,
         )
     except (OSError, ValueError) as e:
         return fatal(f"cannot serve on {args.host}:{args.port}: {e}")

@@ -5,6 +5,12 @@ user sees what is wrong and the server goes on serving; an unexpected failure is
 traceback and reported as an internal error, never as a dead worker. Endpoints (for
 ``gradio_client``): ``/encode``, ``/decode``, ``/resynthesize``.
 
+All model work (the three endpoints together) shares one concurrency group, so ``concurrency``
+bounds the model runs at once, not each endpoint's. A decode whose client has gone (nobody
+reads its results, `app.guard`) stops at the engine's next step block instead of using cores
+others wait for. Results and uploads live in private temporary folders (owner-only), removed
+when the process ends, including on SIGTERM (`app.__main__`).
+
 Decoding streams: the Decode and Resynthesise tabs' players start on the first wave of
 segments the engine has final (`CodecService.decode_stream`; later waves are generated while it
 plays) while a progress bar runs, and the complete 16-bit wav is offered as a file at the end.
@@ -22,25 +28,28 @@ import html
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
-import threading
-import time
-import uuid
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 from PIL import Image
+from starlette.middleware import Middleware
 
+from app.guard import DEFAULT_GRACE_S, Guard, Listeners
 from app.pictures import codes_image, spectrogram_image
+from app.scratch import Scratch, private_gradio_cache
 from app.service import CodecService, InputError, codes_name
 from vqwavenet.audio import save_wav
 
 log = logging.getLogger(__name__)
 FROM_FILE = "(the file's speaker)"
-SCRATCH_MAX_AGE_S = 3600.0
 CACHE_MAX_AGE_S = 3600
+MODEL_WORK = "model"  # the one concurrency group of every endpoint that runs the model
+# Multipart framing and form fields around one upload of the largest allowed size.
+UPLOAD_OVERHEAD = 1 << 20
 # Output players: the browser's own <audio controls> (keyboard accessible, plays any length at
 # once) rather than a drawn waveform; the spectrogram pictures show the signal.
 PLAYER = {"waveform_options": gr.WaveformOptions(show_recording_waveform=False)}
@@ -48,34 +57,8 @@ PLAYER = {"waveform_options": gr.WaveformOptions(show_recording_waveform=False)}
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 
-class Scratch:
-    """A private temporary folder for the files handed to Gradio (codes, wavs, pictures).
-
-    Files older than ``max_age`` seconds are pruned on each new one (Gradio has its own copy by
-    then), and the folder is removed at exit."""
-
-    def __init__(self, max_age: float = SCRATCH_MAX_AGE_S):
-        self.root = Path(tempfile.mkdtemp(prefix="vqwavenet-app-"))
-        self.max_age = max_age
-        self._lock = threading.Lock()
-        atexit.register(shutil.rmtree, self.root, True)
-
-    def path(self, name: str) -> Path:
-        """A fresh path ``<root>/<unique>/<name>`` (the name is what the user downloads)."""
-        self.prune()
-        folder = self.root / uuid.uuid4().hex
-        folder.mkdir()
-        return folder / name
-
-    def prune(self) -> None:
-        cutoff = time.time() - self.max_age
-        with self._lock:
-            for folder in self.root.iterdir():
-                try:
-                    if folder.stat().st_mtime < cutoff:
-                        shutil.rmtree(folder, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
+class Abandoned(Exception):
+    """Nobody reads the request's results any more: its work stops."""
 
 
 def _audio_out(service: CodecService, scratch: Scratch, wave: np.ndarray, name: str) -> str:
@@ -87,7 +70,7 @@ def _audio_out(service: CodecService, scratch: Scratch, wave: np.ndarray, name: 
     files are copied into the cache atomically."""
     path = scratch.path(name)
     save_wav(path, wave, service.sample_rate)
-    return str(path)
+    return scratch.seal(path)
 
 
 def _wav_bytes(service: CodecService, wave: np.ndarray) -> bytes:
@@ -108,7 +91,7 @@ def _image_out(scratch: Scratch, image: np.ndarray, name: str) -> str:
     """A PNG of ``image [H, W, 3]`` uint8 for an output Image component (see `_audio_out`)."""
     path = scratch.path(name)
     Image.fromarray(image).save(path, format="PNG")
-    return str(path)
+    return scratch.seal(path)
 
 
 def _generated_player(label: str, elem_id: str, stream: bool) -> gr.Audio:
@@ -126,23 +109,42 @@ def _generated_player(label: str, elem_id: str, stream: bool) -> gr.Audio:
     return gr.Audio(label=label, elem_id=elem_id, **PLAYER)
 
 
+# An absolute path of two or more parts: a server path, shown by its last part only.
+_SERVER_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def safe_message(message: str, upload=None) -> str:
+    """``message`` as a user may see it: server paths cut to their file name (``upload``, the
+    server-side path of the user's file, and any other absolute path), characters that cannot
+    travel as UTF-8 (lone surrogates from file contents) escaped, and HTML escaped."""
+    if isinstance(upload, str) and upload:
+        message = message.replace(upload, os.path.basename(upload))
+    message = _SERVER_PATH.sub(r"\1", message)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return html.escape(message, quote=False)
+
+
 def _fail(e: Exception, upload=None):
     """Map an exception to the error the user sees (``upload``: a server-side path that is
     shown by its file name only)."""
     if isinstance(e, gr.Error):
         return e
+    if isinstance(e, Abandoned):
+        return gr.Error(safe_message(str(e)), print_exception=False)
     if isinstance(e, InputError):
-        message = str(e)
-        if isinstance(upload, str) and upload:
-            message = message.replace(upload, os.path.basename(upload))
-        return gr.Error(html.escape(message, quote=False), print_exception=False)
+        return gr.Error(safe_message(str(e), upload), print_exception=False)
     log.exception("unexpected failure")
     message = f"internal error ({type(e).__name__}: {e}); the server keeps running"
-    return gr.Error(html.escape(message, quote=False))
+    return gr.Error(safe_message(message, upload))
 
 
-def _progress_callback(progress: gr.Progress, desc: str):
+def _progress_callback(progress: gr.Progress, desc: str, wanted=lambda: True):
+    """The engine's progress callback: moves the bar, and stops the work (raises `Abandoned`
+    at the engine's next step block) once nobody reads the results (``wanted``)."""
+
     def update(done: int, total: int) -> None:
+        if not wanted():
+            raise Abandoned("stopped: nobody was reading the results any more")
         progress(done / max(total, 1), desc=desc)
 
     return update
@@ -161,15 +163,27 @@ def _summary(service: CodecService, enc, path: Path) -> str:
 
 
 def build_demo(
-    service: CodecService, *, scratch: Scratch | None = None, stream: bool | None = None
+    service: CodecService,
+    *,
+    scratch: Scratch | None = None,
+    stream: bool | None = None,
+    listeners: Listeners | None = None,
+    concurrency: int | None = None,
 ) -> gr.Blocks:
     """The app's Blocks, not launched and without a queue (`serve` does both).
 
     ``stream``: whether the Decode and Resynthesise tabs stream their audio (default: where
-    `can_stream_audio`)."""
+    `can_stream_audio`); ``listeners``: who reads which session's results (`serve` counts
+    them; without it every request is wanted to the end); ``concurrency``: model runs at once,
+    all endpoints together (default: the queue's default)."""
+    private_gradio_cache()
     scratch = scratch or Scratch()
+    listeners = listeners or Listeners()
     stream = can_stream_audio() if stream is None else stream
     speakers = service.speakers
+
+    def watch(request: gr.Request | None):
+        return listeners.watch(getattr(request, "session_hash", None))
 
     def encode(audio, speaker):
         try:
@@ -177,17 +191,18 @@ def build_demo(
             name = codes_name(os.path.basename(audio)) if isinstance(audio, str) else "codes.vqwc"
             path = scratch.path(name)
             enc.codes.write(path)
+            scratch.seal(path)
             picture = codes_image(enc.codes.codes, enc.codes.codebook_size)
             picture = _image_out(scratch, picture, Path(name).stem + ".codes.png")
             return str(path), picture, _summary(service, enc, path), str(path)
         except Exception as e:
             raise _fail(e, audio) from None
 
-    def decode(codes_path, speaker, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+    def decode(codes_path, speaker, seed, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         try:
             cf = service.read_codes(codes_path)
             choice = None if speaker in (None, FROM_FILE) else speaker
-            cb = _progress_callback(progress, "generating")
+            cb = _progress_callback(progress, "generating", watch(request))
             chunks = service.decode_stream(cf, choice, seed, cb)  # refusals raise here
             parts = []
             for chunk in chunks:  # [k] float32 each
@@ -200,13 +215,13 @@ def build_demo(
         except Exception as e:
             raise _fail(e, codes_path) from None
 
-    def resynthesize(audio, speaker, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+    def resynthesize(audio, speaker, seed, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         """Encode, show the original, then decode as the Decode tab does (streamed)."""
         try:
             enc = service.encode(audio, speaker)
             sr = service.sample_rate
             stem = Path(audio).stem if isinstance(audio, str) else "speech"
-            cb = _progress_callback(progress, "generating")
+            cb = _progress_callback(progress, "generating", watch(request))
             chunks = service.decode_stream(enc.codes, speaker, seed, cb)  # refusals raise here
             original = _audio_out(service, scratch, enc.wave, f"{stem}.wav")
             picture = _image_out(scratch, spectrogram_image(enc.wave, sr), f"{stem}.png")
@@ -225,6 +240,7 @@ def build_demo(
             raise _fail(e, audio) from None
 
     limit = f"{service.max_seconds:g} s"
+    limit_runs = "default" if concurrency is None else concurrency
     with gr.Blocks(
         title="vqwavenet speech codec",
         analytics_enabled=False,
@@ -317,12 +333,16 @@ def build_demo(
             [enc_audio, enc_speaker],
             [enc_file, enc_picture, enc_info, dec_file],
             api_name="encode",
+            concurrency_id=MODEL_WORK,
+            concurrency_limit=limit_runs,
         )
         dec_button.click(
             decode,
             [dec_file, dec_speaker, dec_seed],
             [dec_audio, dec_wav],
             api_name="decode",
+            concurrency_id=MODEL_WORK,
+            concurrency_limit=limit_runs,
             show_progress_on=dec_wav,  # not over the player while it plays
         )
         res_button.click(
@@ -330,6 +350,8 @@ def build_demo(
             [res_in, res_speaker, res_seed],
             [res_orig, res_out, res_orig_spec, res_out_spec, res_wav],
             api_name="resynthesize",
+            concurrency_id=MODEL_WORK,
+            concurrency_limit=limit_runs,
             show_progress_on=res_wav,  # not over the player while it plays
         )
     return demo
@@ -367,17 +389,37 @@ def serve(
     max_file_size: str | int | None = "50mb",
     block: bool = True,
     stream: bool | None = None,
+    auth: list[tuple[str, str]] | None = None,
+    listen_grace: float = DEFAULT_GRACE_S,
     **launch_kwargs,
 ) -> gr.Blocks:
     """Build, queue and launch the app; ``block=False`` returns once it is serving (tests).
 
     ``port=None`` lets Gradio pick a free port (``demo.local_url`` says which); ``stream``: see
-    `build_demo`."""
-    demo = build_demo(service, stream=stream)
+    `build_demo`; ``auth``: (user, password) pairs for Gradio's login (none: open to whoever
+    reaches the port); ``listen_grace``: seconds a decode runs on with nobody reading it."""
+    listeners = Listeners(grace=listen_grace)
+    demo = build_demo(service, stream=stream, listeners=listeners, concurrency=concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    limit = _parse_size(max_file_size)
+
+    def session_of(event_id: str) -> str | None:
+        event = demo._queue.event_ids_to_events.get(event_id)
+        return getattr(event, "session_hash", None)
+
+    guard = Middleware(
+        Guard,
+        listeners=listeners,
+        max_body=None if limit is None else limit + UPLOAD_OVERHEAD,
+        session_of=session_of,
+    )
+    app_kwargs = launch_kwargs.pop("app_kwargs", {}) or {}
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), guard]
     demo.launch(
         server_name=host,
         server_port=port,
+        auth=auth or None,
+        app_kwargs=app_kwargs,
         max_file_size=max_file_size,
         show_error=True,
         allowed_paths=[str(EXAMPLES_DIR), *launch_kwargs.pop("allowed_paths", [])],
@@ -386,3 +428,10 @@ def serve(
         **launch_kwargs,
     )
     return demo
+
+
+def _parse_size(size: str | int | None) -> int | None:
+    """Bytes of a size such as ``50mb`` (Gradio's own parser, so both agree)."""
+    if size is None:
+        return None
+    return gr.utils._parse_file_size(size)
