@@ -64,3 +64,31 @@ def test_training_starts_from_the_rebuilt_weights(app_model_dir, data, tmp_path,
     fresh = ["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "r2")]
     assert train_mod.main([*fresh, "--init-from", str(other)]) == train_mod.EXIT_ERROR
     assert "rebuild it for this dataset" in capsys.readouterr().err
+
+
+def test_a_shorter_receptive_field_keeps_the_first_layers_of_each_cycle(app_model_dir):
+    model, _ = warm_start.rebuild(app_model_dir)
+    dec = model.cfg.decoder
+    same = warm_start.truncate_layers(model, dec.dilation_depth)
+    assert torch.equal(
+        torch.cat([p.flatten() for p in same.state_dict().values()]),
+        torch.cat([p.flatten() for p in model.state_dict().values()]),
+    )
+    depth = dec.dilation_depth - 1
+    short = warm_start.truncate_layers(model, depth)
+    assert short.decoder.dilations == [2**i for i in range(depth)] * dec.dilation_cycles
+    assert short.geometry.wavenet_context < model.geometry.wavenet_context
+    g2 = 2 * dec.gate_channels
+    for cycle in range(dec.dilation_cycles):
+        for i in range(depth):
+            new, old = cycle * depth + i, cycle * dec.dilation_depth + i
+            assert short.decoder.dilations[new] == model.decoder.dilations[old]
+            assert torch.equal(short.decoder.dilated[new].weight, model.decoder.dilated[old].weight)
+            assert torch.equal(short.decoder.skip[new].weight, model.decoder.skip[old].weight)
+            assert torch.equal(
+                short.decoder.cond_proj.weight[new * g2 : (new + 1) * g2],
+                model.decoder.cond_proj.weight[old * g2 : (old + 1) * g2],
+            )
+    assert torch.equal(short.encoder.proj.weight, model.encoder.proj.weight)
+    with pytest.raises(warm_start.WarmStartError, match="dilation-depth"):
+        warm_start.truncate_layers(model, dec.dilation_depth + 1)

@@ -14,6 +14,10 @@ statistics).
 
 Speakers follow the dataset: a voice the model has keeps its embedding, a new voice starts
 from the mean of the model's embeddings, and a voice the dataset lacks is dropped.
+
+``--dilation-depth D`` keeps, in every dilation cycle, the first D layers (dilations 1 ... 2**(D-1))
+and drops the longer ones: a decoder with a shorter receptive field that starts from the
+trained one. A shorter autoregressive context leaves the decoder more to learn from the codes.
 """
 
 from __future__ import annotations
@@ -140,6 +144,40 @@ def remap_speakers(model: Autoencoder, speakers: list[str], wanted: list[str]) -
     return new
 
 
+def truncate_layers(model: Autoencoder, depth: int) -> Autoencoder:
+    """The model with the first ``depth`` layers of every dilation cycle (see the module doc)."""
+    old_cfg = model.cfg.decoder
+    if not 1 <= depth <= old_cfg.dilation_depth:
+        raise WarmStartError(
+            f"--dilation-depth must be 1 ... {old_cfg.dilation_depth} (the model's), not {depth}"
+        )
+    cfg = from_dict(ModelConfig, to_dict(model.cfg), "model")
+    cfg.decoder.dilation_depth = depth
+    new = Autoencoder(cfg.validate()).eval()
+    old, state = model.state_dict(), new.state_dict()
+    g2 = 2 * old_cfg.gate_channels
+    kept = [
+        c * old_cfg.dilation_depth + i for c in range(old_cfg.dilation_cycles) for i in range(depth)
+    ]
+    per_layer = ("decoder.dilated.", "decoder.residual.", "decoder.skip.")
+    for name in state:
+        if name.startswith(per_layer):
+            # The new last layer has no residual: the old one after it is dropped with it.
+            prefix, index, param = name.rsplit(".", 2)
+            state[name] = old[f"{prefix}.{kept[int(index)]}.{param}"]
+        elif name in (
+            "decoder.cond_proj.weight",
+            "decoder.cond_proj.bias",
+            "decoder.speaker_proj.weight",
+        ):
+            rows = torch.cat([torch.arange(j * g2, (j + 1) * g2) for j in kept])
+            state[name] = old[name][rows]
+        else:
+            state[name] = old[name]
+    new.load_state_dict(state)
+    return new
+
+
 @torch.no_grad()
 def check(model: Autoencoder, model_dir: str | Path, seconds: float = 0.5) -> float:
     """Largest difference between the rebuilt model's teacher-forced log-probabilities and the
@@ -183,6 +221,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model directory")
     p.add_argument("--data", required=True, help="prepared dataset whose voices to train")
     p.add_argument("--out", required=True, help="checkpoint to write (for --init-from)")
+    p.add_argument(
+        "--dilation-depth",
+        type=int,
+        help="keep only the first D layers of each dilation cycle (a shorter receptive field)",
+    )
     return p
 
 
@@ -192,6 +235,8 @@ def main(argv=None) -> int:
         model, speakers = rebuild(args.model)
         err = check(model, args.model)
         wanted = Dataset(args.data).speakers
+        if args.dilation_depth is not None:
+            model = truncate_layers(model, args.dilation_depth)
     except (OSError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
