@@ -260,3 +260,23 @@ def run_process_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.Co
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def fit_to_test_clips(model, seed: int = 0):
+    """``model`` (an `Autoencoder`) with feature statistics and a k-means codebook from the
+    speech clips of tests/data, so that speech uses many codes: random weights alone map nearly
+    every frame to one or two codes, and a test whose codes never change cannot see a frame
+    encoded from the wrong samples. Returns the model, in eval mode."""
+    import soundfile as sf
+    import torch
+
+    model = model.eval()
+    waves = [torch.tensor(sf.read(p, dtype="float32")[0]) for p in sorted(DATA.glob("*.wav"))]
+    dim = model.features.dim
+    model.features.set_statistics(torch.zeros(dim), torch.ones(dim))
+    with torch.no_grad():
+        feats = torch.cat([model.features(w[None])[0] for w in waves], dim=-1)  # [dim, T]
+        model.features.set_statistics(feats.mean(-1), feats.std(-1))
+        z = torch.cat([model.encoder(model.features(w[None]))[0].T for w in waves])  # [F, D]
+    model.quantizer.kmeans_init(z, generator=torch.Generator().manual_seed(seed))
+    return model

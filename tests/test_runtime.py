@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from export.onnx_export import export_model, load_checkpoint
+from model.autoencoder import Autoencoder
+from tests.conftest import fit_to_test_clips
 from tests.test_export import clip, make_checkpoint, teacher_forced_reference
+from training.config import load_model_config
 from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest, ModelDirError, folding, steps
 from vqwavenet import codec as codec_module
 from vqwavenet.audio import mulaw_decode
@@ -42,6 +45,26 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     return _export(tmp_path_factory.mktemp("rt"), "small")
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """``tiny`` fitted to the test clips (`fit_to_test_clips`), exported: its codes vary from
+    frame to frame, so a frame encoded from the wrong samples changes them. The random-weight
+    ``tiny`` maps nearly every frame to one code, and a test on it cannot see that."""
+    torch.manual_seed(7)
+    model = fit_to_test_clips(Autoencoder(load_model_config("tiny")))
+    speakers = [f"spk{i}" for i in range(model.cfg.decoder.n_speakers)]
+    out = tmp_path_factory.mktemp("rt") / "varied"
+    export_model(model, speakers, out)
+    return model, out
+
+
+def assert_codes_vary(codes: np.ndarray) -> None:
+    """Many distinct codes, and most frames' code differs from the next one's: a frame read
+    from its neighbour's samples (or one sample late) then changes the codes."""
+    assert len(np.unique(codes)) >= 8, np.unique(codes)
+    assert (np.diff(codes) != 0).mean() > 0.5, codes
 
 
 def tie_gaps(model, padded: np.ndarray) -> np.ndarray:
@@ -133,14 +156,18 @@ def test_teacher_forced_on_given_codes(tiny):
 
 
 @pytest.mark.parametrize("n", [1, 4000, 17024, 45000])
-def test_chunked_encoding_equals_whole_file_encoding(tiny, n):
-    model, out = tiny
+def test_chunked_encoding_equals_whole_file_encoding(varied, n):
+    """Whole-file codes equal PyTorch's, and every chunking gives them, on a model whose codes
+    vary (asserted), so a chunk that reads its samples one sample or one frame late fails."""
+    model, out = varied
     codec = Codec(out)
     wave = np.concatenate([clip("activated"), clip("auth-incorrect")])[:n]
     left, right, n_frames = codec.geometry.padding(n)
     padded = np.pad(wave, (left, right))
     whole = codec.encode(wave, chunk_frames=n_frames + 1, batch=1)
     assert whole.shape == (n_frames,)
+    if n >= 4000:
+        assert_codes_vary(whole)
     gaps = tie_gaps(model, padded)
     with torch.no_grad():
         ref = model.encode(torch.from_numpy(padded)[None])[0].numpy()
@@ -151,13 +178,19 @@ def test_chunked_encoding_equals_whole_file_encoding(tiny, n):
         assert ((codes == whole) | (gaps < 1e-5)).all(), (chunk, batch)
 
 
-def test_encode_mixes_down_and_resamples(tiny):
-    _, out = tiny
+def test_encode_mixes_down_and_resamples(varied):
+    """On a model whose codes vary (asserted): a stereo file is encoded as the mean of its
+    channels (equal channels: the mono codes; unequal ones: not one channel's)."""
+    _, out = varied
     codec = Codec(out)
     x = clip("activated", 8000)
-    stereo = np.stack([x, x], 1)
-    codes = codec.encode(stereo, 16000)
+    codes = codec.encode(np.stack([x, x], 1), 16000)
+    assert_codes_vary(codes)
     assert (codes == codec.encode(x)).all()
+    quiet = np.stack([x, 0.5 * x], 1)  # mean: 0.75 x, the same float32 values
+    mixed = codec.encode(quiet, 16000)
+    assert (mixed == codec.encode(0.75 * x)).all()
+    assert (mixed != codes).any() and (mixed != codec.encode(0.5 * x)).any()
     half = codec.encode(x[::2], 8000)  # 8 kHz input: resampled to the model's 16 kHz
     assert half.shape == (codec.geometry.padding(8000)[2],)
 
