@@ -451,6 +451,38 @@ def test_burnt_in_samples_never_reach_the_waveform(tiny):
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
 
 
+def composed_crossfade(overlap: int, q: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The weights `folding.compose` gives a segment's fade-out and the next one's fade-in over
+    their ``overlap`` samples, read from what it makes of constant segments: its output is
+    linear in each segment's decoded samples (classes 20 and 235 decode to about -0.4 and
+    +0.4, so that no sum reaches the clipping at 1)."""
+    burn_in = 5
+    fold = Fold(200, [(0, 100), (100, 200)], overlap=overlap, burn_in=burn_in, first=0)
+    a, b = 20, 235
+    va, vb = mulaw_decode(np.array([a, b]), q).astype(np.float64)
+
+    def faded(c0: int, c1: int) -> np.ndarray:
+        segs = [np.full(100, c0), np.full(100 + overlap + burn_in, c1)]
+        return folding.compose(fold, segs, 100 - overlap, 100, q).astype(np.float64)
+
+    both_a = faded(a, a)
+    return (faded(b, a) - both_a) / (vb - va), (faded(a, b) - both_a) / (vb - va)
+
+
+@pytest.mark.parametrize("overlap", [1, 7, 64])
+def test_crossfade_weights_are_equal_power_ramps(overlap):
+    """The cross-fade keeps the power of uncorrelated segments: at every overlap sample the
+    fade-out and fade-in weights have squares summing to 1 (a linear cross-fade's sum to 1
+    themselves, a dip of up to 3 dB in power), the fade-in rises and the fade-out falls
+    strictly, and each is the other reversed."""
+    fade_out, fade_in = composed_crossfade(overlap)
+    assert fade_in.shape == fade_out.shape == (overlap,)
+    np.testing.assert_allclose(fade_in**2 + fade_out**2, 1.0, rtol=0, atol=1e-6)
+    assert ((fade_in > 0) & (fade_in < 1) & (fade_out > 0) & (fade_out < 1)).all()
+    assert (np.diff(fade_in) > 0).all() and (np.diff(fade_out) < 0).all()
+    np.testing.assert_allclose(fade_in, fade_out[::-1], rtol=0, atol=1e-6)
+
+
 def test_rows_take_queued_streams_when_the_batch_is_full(tiny):
     """More streams than rows: rows pick up the queue's next stream as each finishes, and
     every stream still gives what it gives alone."""
