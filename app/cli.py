@@ -25,9 +25,14 @@ from app.service import DEFAULT_MODEL, CodecService, InputError, ModelLoadError
 from vqwavenet import DecodeRequest
 from vqwavenet.audio import save_wav
 from vqwavenet.codes_file import SUFFIX
+from vqwavenet.safe_text import printable, show_path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 OUTPUT_SUFFIX = {"encode": SUFFIX, "decode": ".decoded.wav", "resynth": ".resynth.wav"}
+# Audio this tool writes: never taken as input when a folder is searched, so running it twice
+# on a folder (outputs beside the inputs) does not process its own outputs.
+OWN_AUDIO_OUTPUTS = (OUTPUT_SUFFIX["decode"], OUTPUT_SUFFIX["resynth"])
+PROG = "python -m app.cli"
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf")
@@ -43,24 +48,30 @@ EPILOG = f"""\
 outputs:
   Each input INPUT.EXT gives INPUT{SUFFIX} (encode), INPUT.decoded.wav (decode) or
   INPUT.resynth.wav (resynth), beside the input or, with -o DIR, under DIR (a folder's layout
-  is kept). With one input file, -o may also name the output file itself. An existing output
-  is never overwritten without --force. Folders are searched recursively for audio files
-  (encode, resynth: {{audio}})
-  or codes files (decode: {SUFFIX}); files named explicitly are tried whatever their extension.
+  is kept). With one input file, -o may also name the output file itself; with several, an
+  -o that looks like a file name (NAME.EXT) is refused unless it is an existing folder or
+  ends with a separator. An existing output is never overwritten without --force.
+  Folders are searched recursively for codes files (decode: *{SUFFIX}) or audio files
+  (encode, resynth), except this tool's own outputs (*.decoded.wav, *.resynth.wav); files
+  named explicitly are tried whatever their name. Audio files are those named
+  {{audio}}
 
 exit status:
   {EXIT_OK}  every input was processed
   {EXIT_FAILED}  some inputs failed (each is named on stderr; the others were processed)
-  {EXIT_USAGE}  usage error: bad options, no inputs found, two inputs with one output
+  {EXIT_USAGE}  usage error: bad options, no inputs found, two inputs with one output, a file
+     name given as -o for several inputs
   {EXIT_MODEL}  the model directory cannot be loaded
-""".replace("{audio}", " ".join(sorted(_audio_suffixes())))
+""".replace("{audio}", " ".join("*" + s for s in sorted(_audio_suffixes())))
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
 
-def get_parser() -> argparse.ArgumentParser:
+def get_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser; ``prog`` is how the user ran it (``vqwavenet`` passes its own name, so
+    ``vqwavenet encode --help`` says ``vqwavenet encode``)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=str(DEFAULT_MODEL), help="exported model directory")
     common.add_argument(
@@ -88,7 +99,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
 
     p = argparse.ArgumentParser(
-        prog="python -m app.cli",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog=EPILOG,
         formatter_class=_Formatter,
@@ -126,6 +137,8 @@ def get_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or folders")
     r.add_argument("--speaker", default=None, help="target speaker (name or index; default 0)")
+    for command in (e, d, r):  # option errors found after parsing name the subcommand
+        command.set_defaults(command_parser=command)
     return p
 
 
@@ -141,20 +154,29 @@ class UsageError(Exception):
     pass
 
 
+def is_own_output(path: Path) -> bool:
+    """Whether ``path`` is named like audio this tool writes (``NAME.resynth.wav`` ...)."""
+    return path.name.lower().endswith(OWN_AUDIO_OUTPUTS)
+
+
 def find_inputs(paths: list[str], suffixes: set[str]) -> list[tuple[Path, Path]]:
     """``(file, path relative to its output root)`` for every input; folders are searched
-    recursively for ``suffixes``, files and missing paths are kept as given (a missing one
-    fails later with its own message)."""
+    recursively for ``suffixes``, skipping this tool's own outputs; files and missing paths
+    are kept as given (a missing one fails later with its own message)."""
     found = []
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            files = sorted(
-                f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
-            )
+            matching = [f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes]
+            files = sorted(f for f in matching if not is_own_output(f))
             if not files:
                 looked = ", ".join(sorted(suffixes))
-                raise UsageError(f"{arg}: no input files in this folder (looked for {looked})")
+                skipped = len(matching)
+                note = f"; {skipped} output{'s' * (skipped != 1)} of this tool skipped"
+                raise UsageError(
+                    f"{show_path(arg)}: no input files in this folder (looked for {looked}"
+                    f"{note if skipped else ''})"
+                )
             found += [(f, f.relative_to(path)) for f in files]
         else:
             found.append((path, Path(path.name)))
@@ -171,11 +193,21 @@ def plan(inputs: list[str], command: str, out: str | None) -> list[Job]:
     found = find_inputs(inputs, suffixes)
     suffix = OUTPUT_SUFFIX[command]
     single_file = len(found) == 1 and not Path(inputs[0]).is_dir()
+    out_is_dir = out is not None and (Path(out).is_dir() or out.endswith(("/", os.sep)))
+    if out is not None and not single_file and not out_is_dir:
+        several = f"{len(found)} inputs" if len(found) > 1 else "a folder as input"
+        if Path(out).exists():
+            raise UsageError(f"-o {show_path(out)}: is a file, but {several} need a folder")
+        if Path(out).suffix:
+            raise UsageError(
+                f"-o {show_path(out)}: looks like a file name, but {several} need a folder "
+                f"(end it with {os.sep} to make a folder of that name)"
+            )
     jobs = []
     for source, rel in found:
         if out is None:
             target = output_name(source, suffix)
-        elif single_file and not Path(out).is_dir() and not out.endswith(("/", os.sep)):
+        elif single_file and not out_is_dir:
             target = Path(out)
         else:
             target = Path(out) / output_name(rel, suffix)
@@ -185,11 +217,11 @@ def plan(inputs: list[str], command: str, out: str | None) -> list[Job]:
         key = os.path.abspath(job.output)
         if key in seen:
             raise UsageError(
-                f"{seen[key]} and {job.source} would both be written to {job.output}: "
-                "give them separate output folders"
+                f"{show_path(seen[key])} and {show_path(job.source)} would both be written to "
+                f"{show_path(job.output)}: give them separate output folders"
             )
         if os.path.abspath(job.source) == key:
-            raise UsageError(f"{job.source}: the output would overwrite the input")
+            raise UsageError(f"{show_path(job.source)}: the output would overwrite the input")
         seen[key] = job.source
     return jobs
 
@@ -208,10 +240,14 @@ def write_atomically(target: Path, write: Callable[[Path], None], force: bool) -
         try:
             os.link(tmp, target)  # atomic, and fails if the target appeared meanwhile
         except FileExistsError:
-            raise FileExistsError(f"{target}: exists (use --force to overwrite)") from None
+            raise FileExistsError(
+                f"{show_path(target)}: exists (use --force to overwrite)"
+            ) from None
         except OSError:  # a file system without hard links: check, then rename
             if target.exists():
-                raise FileExistsError(f"{target}: exists (use --force to overwrite)") from None
+                raise FileExistsError(
+                    f"{show_path(target)}: exists (use --force to overwrite)"
+                ) from None
             os.replace(tmp, target)
         else:
             os.unlink(tmp)
@@ -227,7 +263,11 @@ def _umask() -> int:
 
 
 def _fail(message: str) -> None:
-    tqdm.write(f"error: {message}", file=sys.stderr)
+    tqdm.write(f"error: {printable(message)}", file=sys.stderr)
+
+
+def _done(job: Job) -> None:
+    print(f"{show_path(job.source)} -> {show_path(job.output)}", flush=True)
 
 
 def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int:
@@ -243,16 +283,17 @@ def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int
     def fail(job: Job, e: BaseException) -> None:
         nonlocal failed
         failed += 1
+        name, msg = show_path(job.source), printable(str(e))
         if isinstance(e, ValueError | OSError):  # InputError is a ValueError
-            msg = str(e)
-            _fail(msg if str(job.source) in msg else f"{job.source}: {msg}")
+            _fail(msg if name in msg else f"{name}: {msg}")
         else:  # an engine failure on one input must not stop the others
-            _fail(f"{job.source}: internal error ({type(e).__name__}: {e})")
+            _fail(f"{name}: internal error ({type(e).__name__}: {msg})")
 
     def flush() -> None:
         if not batch:
             return
-        label = batch[0][0].source.name + (f" +{len(batch) - 1}" if len(batch) > 1 else "")
+        label = show_path(batch[0][0].source.name)
+        label += f" +{len(batch) - 1}" if len(batch) > 1 else ""
         try:
             waves = _with_bar(
                 args, label, lambda cb: service.decode_many([r for _, r in batch], cb)
@@ -264,16 +305,19 @@ def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int
             for (job, _), wave in zip(batch, waves):
                 try:
                     write_atomically(job.output, _wav_writer(wave, service.sample_rate), args.force)
-                    print(f"{job.source} -> {job.output}", flush=True)
+                    _done(job)
                 except Exception as e:
                     fail(job, e)
         bar.update(len(batch))
         batch.clear()
 
     for job in jobs:
-        bar.set_postfix_str(job.source.name)
+        bar.set_postfix_str(show_path(job.source.name))
         if job.output.exists() and not args.force:
-            _fail(f"{job.output}: exists (use --force to overwrite); skipped {job.source}")
+            _fail(
+                f"{show_path(job.output)}: exists (use --force to overwrite); skipped "
+                f"{show_path(job.source)}"
+            )
             failed += 1
             bar.update(1)
             continue
@@ -284,7 +328,7 @@ def run(args: argparse.Namespace, service: CodecService, jobs: list[Job]) -> int
             bar.update(1)
             continue
         if request is None:  # encoded and written
-            print(f"{job.source} -> {job.output}", flush=True)
+            _done(job)
             bar.update(1)
             continue
         batch.append((job, request))
@@ -335,9 +379,11 @@ def _with_bar(args, label: str, work):
         return work(progress)
 
 
-def main(argv=None) -> int:
-    parser = get_parser()
-    args = parser.parse_args(argv)
+def main(argv=None, prog: str = PROG) -> int:
+    """Run the CLI on ``argv`` (default: the command line); ``prog`` names it in help and
+    usage messages."""
+    args = get_parser(prog).parse_args(argv)
+    parser = args.command_parser
     if args.max_seconds is not None and not (
         math.isfinite(args.max_seconds) and args.max_seconds > 0
     ):
@@ -349,18 +395,18 @@ def main(argv=None) -> int:
     try:
         jobs = plan(args.inputs, args.command, args.out)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     try:
         service = CodecService(args.model, max_seconds=args.max_seconds, int8=args.int8)
     except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return EXIT_MODEL
     if args.speaker is not None:
         try:
             service.speaker_index(args.speaker)
         except InputError as e:
-            print(f"error: --speaker: {e}", file=sys.stderr)
+            print(f"error: --speaker: {printable(str(e))}", file=sys.stderr)
             return EXIT_USAGE
     try:
         return run(args, service, jobs)

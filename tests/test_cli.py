@@ -257,3 +257,101 @@ def test_cli_has_no_default_length_limit_and_decodes_silence(app_model_dir, app_
     assert main(["encode", str(long_path), str(silent), *args]) == EXIT_OK
     assert main(["decode", str(out / "silence.vqwc"), *args]) == EXIT_OK
     assert sf.info(out / "silence.decoded.wav").frames == sf.info(silent).frames
+
+
+# --- corners: odd file names, the tool's own outputs, output names, the prog --------------------
+
+
+def test_cli_handles_file_names_that_are_not_utf8(app_model_dir, app_inputs, tmp_path, capsys):
+    """A Linux file name that is not UTF-8 (b'caf\\xe9.wav', which Python holds as
+    'caf\\udce9.wav') encodes, decodes and resynthesises; what the CLI prints about it is
+    printable (the byte shows as \\xe9) and names it once."""
+    if sys.platform == "win32" or sys.getfilesystemencoding() != "utf-8":
+        pytest.skip("file names that are not UTF-8 are a POSIX matter")
+    folder = os.fsencode(tmp_path)
+    clip = os.fsdecode(folder + b"/caf\xe9.wav")
+    try:
+        shutil.copy(app_inputs.clip, clip)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert cli(app_model_dir, "encode", clip) == EXIT_OK
+    assert cli(app_model_dir, "decode", os.fsdecode(folder + b"/caf\xe9.vqwc")) == EXIT_OK
+    assert cli(app_model_dir, "resynth", str(tmp_path)) == EXIT_OK
+    made = sorted(os.listdir(folder))
+    assert made == [b"caf\xe9.decoded.wav", b"caf\xe9.resynth.wav", b"caf\xe9.vqwc", b"caf\xe9.wav"]
+    out = capsys.readouterr().out
+    assert "caf\\xe9.wav -> " in out and "caf\\xe9.vqwc" in out
+    assert all(line.isprintable() for line in out.splitlines())
+    broken = os.fsdecode(folder + b"/bad \xff.wav")
+    Path(broken).write_bytes(b"not audio at all")
+    assert cli(app_model_dir, "encode", broken, "-o", str(tmp_path / "o")) == EXIT_FAILED
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].isprintable(), err
+    assert err[0].count("bad \\xff.wav") == 1 and "not audio or unreadable" in err[0], err
+
+
+def test_cli_folders_skip_the_tools_own_outputs(app_model_dir, app_inputs, tmp_path, capsys):
+    """``resynth DIR`` run twice (or encode after decode) does not take the outputs it wrote
+    beside the inputs as new inputs; named explicitly, such a file is still processed."""
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(app_inputs.clip, folder / "a.wav")
+    shutil.copy(app_inputs.clip, folder / "sub" / "b.wav")
+    for _ in range(2):
+        assert cli(app_model_dir, "resynth", str(folder), "--force") == EXIT_OK
+    assert cli(app_model_dir, "encode", str(folder)) == EXIT_OK
+    assert cli(app_model_dir, "decode", str(folder)) == EXIT_OK
+    assert cli(app_model_dir, "encode", str(folder), "--force") == EXIT_OK
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == [
+        "a.decoded.wav",
+        "a.resynth.wav",
+        "a.vqwc",
+        "a.wav",
+        "sub/b.decoded.wav",
+        "sub/b.resynth.wav",
+        "sub/b.vqwc",
+        "sub/b.wav",
+    ]
+    named = str(folder / "a.resynth.wav")
+    assert cli(app_model_dir, "encode", named, "-o", str(tmp_path / "x.vqwc")) == EXIT_OK
+    only_outputs = tmp_path / "outputs"
+    only_outputs.mkdir()
+    shutil.copy(folder / "a.resynth.wav", only_outputs)
+    capsys.readouterr()
+    assert cli(app_model_dir, "resynth", str(only_outputs)) == EXIT_USAGE
+    assert "1 output of this tool skipped" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_file_name_for_several_inputs(app_inputs, tmp_path, capsys):
+    """``-o NAME.EXT`` with several inputs (or a folder) would silently make a folder called
+    NAME.EXT: a usage error instead; a name ending in a separator, or an existing folder,
+    is a folder whatever it looks like."""
+    model = str(tmp_path / "no-model")  # usage errors come before the model is loaded
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    for path in (a, b):
+        shutil.copy(app_inputs.clip, path)
+    for inputs in ([str(a), str(b)], [str(tmp_path)]):
+        out = tmp_path / "out.vqwc"
+        assert main(["encode", *inputs, "-o", str(out), "--model", model, "-q"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "out.vqwc" in err and "file name" in err and "folder" in err, err
+        assert not out.exists()
+    (tmp_path / "v1.0").mkdir()
+    for out in (str(tmp_path / "v1.0"), str(tmp_path / "v2.0") + os.sep):
+        assert main(["encode", str(a), str(b), "-o", out, "--model", model]) == EXIT_MODEL
+
+
+def test_cli_help_names_the_command_it_was_run_as(capsys):
+    """``vqwavenet encode --help`` says ``vqwavenet encode``; ``python -m app.cli`` still
+    says itself."""
+    from vqwavenet.__main__ import main as vqwavenet_main
+
+    for run, prog in ((vqwavenet_main, "vqwavenet encode"), (main, "python -m app.cli encode")):
+        with pytest.raises(SystemExit) as e:
+            run(["encode", "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {prog} "), prog
+    with pytest.raises(SystemExit):
+        vqwavenet_main(["decode", "--seed", "-1", "x.vqwc"])
+    assert "vqwavenet decode: error: --seed must be >= 0" in capsys.readouterr().err

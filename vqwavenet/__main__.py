@@ -28,12 +28,15 @@ class Command:
     extra: str | None = None  # the pip extra it needs
     needs: str | None = None  # a module that extra provides
     prefix: tuple[str, ...] = ()  # arguments put before the user's (app.cli's own subcommand)
+    prog: str | None = None  # given to main(argv, prog=...) so usage and help name this command
 
 
 COMMANDS = {
-    "encode": Command("app.cli", "audio -> codes files", prefix=("encode",)),
-    "decode": Command("app.cli", "codes files -> wav", prefix=("decode",)),
-    "resynth": Command("app.cli", "audio -> audio, in a speaker's voice", prefix=("resynth",)),
+    "encode": Command("app.cli", "audio -> codes files", prefix=("encode",), prog="vqwavenet"),
+    "decode": Command("app.cli", "codes files -> wav", prefix=("decode",), prog="vqwavenet"),
+    "resynth": Command(
+        "app.cli", "audio -> audio, in a speaker's voice", prefix=("resynth",), prog="vqwavenet"
+    ),
     "serve": Command("app.__main__", "the web app", "app", "gradio"),
     "primer": Command("vqwavenet.primer", "add a primer to a model directory"),
     "prepare": Command("training.prepare", "prepare a corpus for training", "train", "torch"),
@@ -87,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec(command.module) is None:
         return fatal(f"'{name}' is not part of this version ({command.module} is missing)")
     module = importlib.import_module(command.module)
-    return int(module.main([*command.prefix, *rest]) or 0)
+    argv = [*command.prefix, *rest]
+    if command.prog is None:
+        return int(module.main(argv) or 0)
+    return int(module.main(argv, prog=command.prog) or 0)
 
 
 if __name__ == "__main__":
