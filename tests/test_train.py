@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from model.autoencoder import Autoencoder
+from model.quantizer import VectorQuantizer
 from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
 from training import checkpoint as ckpt_io
@@ -171,6 +172,44 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
     )
     # Two processes wrote the split run's history, each step once.
     assert (tmp_path / "split" / "metrics.jsonl").read_text().count('"step": 4,') == 1
+
+
+def test_resume_restores_the_dead_code_restart_generator(data, tmp_path, monkeypatch):
+    """Codes die and restart at steps before and after the resume point (a dead-code threshold
+    of 0.05, near the mean usage of tiny's 16 codes), and the resumed run still equals the
+    unbroken one: the restarts draw from the generator that the checkpoint carries. In
+    test_resume_continues_bit_for_bit no code dies, so that generator is never drawn."""
+    cfg = tiny_train_config(
+        tmp_path / "t.toml", accumulation=2, windows=2, valid_every=2, checkpoint_every=3
+    )
+    text = cfg.read_text()
+    assert text.count("[model.quantizer]\n") == 1
+    cfg.write_text(
+        text.replace("[model.quantizer]\n", "[model.quantizer]\ndead_code_threshold = 0.05\n")
+    )
+    restarted: list[bool] = []  # per optimiser step, in the order the runs take them
+    restart_dead = VectorQuantizer._restart_dead
+
+    def recording(self, generator, broadcast):
+        dead = self.ema_count < self.cfg.dead_code_threshold
+        restart_dead(self, generator, broadcast)
+        threshold = self.cfg.dead_code_threshold
+        restarted.append(bool(dead.any()) and bool((self.ema_count[dead] == threshold).all()))
+
+    monkeypatch.setattr(VectorQuantizer, "_restart_dead", recording)
+
+    def run(out, *extra):
+        argv = ["--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress"]
+        assert train_mod.main([*argv, *extra]) == 0
+
+    run(tmp_path / "straight", "--steps", "6")
+    assert len(restarted) == 6 and any(restarted[:3]) and any(restarted[3:]), restarted
+    run(tmp_path / "split", "--steps", "3")
+    run(tmp_path / "split", "--resume", "--steps", "6")
+    assert restarted[6:] == restarted[:6]
+    a = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "straight", 6))
+    b = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "split", 6))
+    _assert_same(a, b)
 
 
 # --- kill -9 -----------------------------------------------------------------------------------
