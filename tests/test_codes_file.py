@@ -307,7 +307,7 @@ def test_codes_reader_bounds_every_header_number(field, how):
 def test_codes_header_numbers_at_their_bounds_are_safe_to_use():
     """A header that parses can be used as the service uses it: duration as a float, the
     sample count through the model's geometry, every count exact as a float."""
-    from vqwavenet import codes_file
+    from vqwavenet import audio, codes_file
 
     header = valid_header(
         sample_rate=codes_file.MAX_SAMPLE_RATE,
@@ -318,6 +318,7 @@ def test_codes_header_numbers_at_their_bounds_are_safe_to_use():
     cf = CodesFile.from_bytes(assemble(header, bytes(4)))
     assert_usable(cf)
     assert codes_file.MAX_LENGTH < 2**53  # counts survive float conversion exactly
+    assert codes_file.MAX_SAMPLE_RATE == audio.MAX_SAMPLE_RATE  # no model rate can exceed it
     for field in ("num_samples", "num_frames"):
         header = valid_header(**{field: 2})
         assert CodesFile.from_bytes(assemble(header, bytes(2 if field == "num_frames" else 4)))

@@ -7,7 +7,8 @@
     vqwavenet train --config small --data data/asterisk --out runs/small   # ('[train]')
 
 Each subcommand is a module's ``main(argv)`` (``python -m app.cli``, ``python -m app``,
-``python -m training.train`` ...), so ``vqwavenet CMD --help`` shows that module's options. A
+``python -m training.train`` ...), so ``vqwavenet CMD --help`` shows that module's options
+(the codec's commands also take ``prog``, so their usage says ``vqwavenet encode``). A
 subcommand whose extra is not installed says which one to install instead of failing on an
 import.
 """
