@@ -198,23 +198,35 @@ def test_one_upload_request_cannot_carry_many_files(app_server, app_inputs):
 
 
 def test_a_streamed_upload_is_cut_at_the_request_limit(app_server):
+    """The same four files as a body of unknown length (chunked): cut at the bound."""
     url, _ = app_server
+    part = np.random.default_rng(0).bytes(APP_MAX_FILE_SIZE * 9 // 10)
 
     def body():
-        for _ in range(40):
-            yield b"x" * (APP_MAX_FILE_SIZE // 8)
+        for i in range(4):
+            yield (
+                f'--b\r\nContent-Disposition: form-data; name="files"; filename="f{i}.bin"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            for k in range(0, len(part), 1 << 16):
+                yield part[k : k + (1 << 16)]
+            yield b"\r\n"
+        yield b"--b--\r\n"
+
+    def post(chunks):
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        return httpx.post(f"{url}gradio_api/upload", content=chunks, headers=headers, timeout=60)
 
     try:
-        r = httpx.post(
-            f"{url}gradio_api/upload",
-            content=body(),
-            headers={"content-type": "multipart/form-data; boundary=b"},
-            timeout=60,
-        )
-        assert r.status_code >= 400, r.status_code
+        r = post(body())
+        assert r.status_code >= 400, (r.status_code, r.text[:300])
     except httpx.HTTPError:
-        pass  # the server closed the connection: also refused
+        pass  # the server ended the request: also refused
     assert httpx.get(f"{url}gradio_api/info", timeout=30).status_code == 200  # still serving
+    # The control: one such file, streamed the same way, is stored.
+    one = list(body())
+    r = post(iter(one[: 1 + len(range(0, len(part), 1 << 16)) + 1] + [b"--b--\r\n"]))
+    assert r.status_code == 200 and len(r.json()) == 1, (r.status_code, r.text[:300])
 
 
 def test_safe_message_escapes_surrogates_html_and_server_paths():
