@@ -14,12 +14,16 @@ import torch
 from training.config import load_model_config
 from training.invariance import (
     CONTROL_FLOOR,
+    METHODS,
     TOLERANCE,
     Case,
+    brute_force,
+    case_batch,
     cases_for,
     main,
     must_fail,
     prepare,
+    relative_error,
     run_case,
 )
 
@@ -67,11 +71,26 @@ def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances()
         assert errors["naive"] > CONTROL_FLOOR, errors
 
 
+def test_brute_force_in_chunks_of_windows_equals_one_window_per_pass(tiny):
+    """Stacking single-prediction windows as rows of one pass (what the real-geometry test
+    does, for speed) gives the one-window-per-pass brute force: rows never interact."""
+    case = Case(3 * TINY_HOP + 7, 1, True)
+    tiny.cfg.decoder.jitter_probability = tiny.jitter_p
+    utts, specs = case_batch(tiny, case)
+    kw = {"seed": 1234, "epoch": 3}
+    one = brute_force(tiny, utts, specs, METHODS["ours"], chunk=1, **kw)
+    for chunk in (7, 32):
+        stacked = brute_force(tiny, utts, specs, METHODS["ours"], chunk=chunk, **kw)
+        assert relative_error(stacked, one) <= TOLERANCE, chunk
+
+
 def test_real_geometry_long_window_with_jitter():
-    """The 320-sample stride and 2047-sample receptive field, N = 700, channels narrowed."""
+    """The 320-sample stride and 2047-sample receptive field, N = 700, channels narrowed; the
+    brute force stacks 32 single-prediction windows per pass (the command's default at a real
+    stride; the test above shows it equals one window per pass)."""
     model = prepare(load_model_config("default"), width=8, jitter=0.5)
     assert model.geometry.hop == 320 and model.geometry.ar_context == 2047
-    errors = run_case(model, Case(700, 160, True), methods=("ours",))
+    errors = run_case(model, Case(700, 160, True), methods=("ours",), chunk=32)
     assert errors["ours"] <= TOLERANCE, errors
 
 
