@@ -43,6 +43,7 @@ from app.pictures import codes_image, spectrogram_image
 from app.scratch import Scratch, private_gradio_cache
 from app.service import CodecService, InputError, codes_name
 from vqwavenet.audio import save_wav
+from vqwavenet.safe_text import printable, show_path
 
 log = logging.getLogger(__name__)
 FROM_FILE = "(the file's speaker)"
@@ -118,7 +119,8 @@ def safe_message(message: str, upload=None) -> str:
     server-side path of the user's file, and any other absolute path), characters that cannot
     travel as UTF-8 (lone surrogates from file contents) escaped, and HTML escaped."""
     if isinstance(upload, str) and upload:
-        message = message.replace(upload, os.path.basename(upload))
+        for shown in (upload, show_path(upload)):  # as given, and as messages escape it
+            message = message.replace(shown, os.path.basename(shown))
     message = _SERVER_PATH.sub(r"\1", message)
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return html.escape(message, quote=False)
@@ -158,7 +160,7 @@ def _summary(service: CodecService, enc, path: Path) -> str:
         f"- **frames**: {cf.num_frames} ({service.frame_rate:g} per second)\n"
         f"- **bitrate**: {service.bitrate:g} bit/s of codes ({service.bits_per_code:g} bits per "
         f"frame); the file is {size} bytes, {8 * size / cf.duration:.0f} bit/s with its header\n"
-        f"- **default speaker**: {cf.speaker_name}"
+        f"- **default speaker**: {html.escape(printable(cf.speaker_name))}"
     )
 
 

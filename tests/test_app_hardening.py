@@ -25,6 +25,7 @@ from app.__main__ import main as app_main
 from app.guard import Listeners
 from app.ui import safe_message
 from tests.conftest import APP_MAX_FILE_SIZE, free_port
+from vqwavenet.safe_text import show_path
 
 ROOT = Path(__file__).resolve().parent.parent
 FROM_FILE = "(the file's speaker)"
@@ -239,6 +240,10 @@ def test_safe_message_escapes_surrogates_html_and_server_paths():
     assert "\\ud800" in message and "&lt;b&gt;" in message
     assert "/tmp" not in message and "/srv" not in message
     assert "upload.vqwc" in message and "x.py" in message
+    # An upload whose name the reader escaped (a newline in it) is still cut to its name.
+    upload = "/tmp/gradio/d e f/odd\nname.vqwc"
+    message = safe_message(f"cannot read {show_path(upload)}: truncated", upload=upload)
+    assert message == "cannot read odd\\nname.vqwc: truncated", message
 
 
 def test_an_error_quoting_a_lone_surrogate_reaches_the_client(
