@@ -488,20 +488,44 @@ def check_two_ranks_equal_one(data, tmp_path, device: str) -> None:
     assert not torch.equal(ranks[0]["restarted_codebook"], ranks[0]["codebook"])
 
 
-def test_training_cli_runs_under_torchrun_with_two_ranks(data, tmp_path):
+def torchrun_two_ranks(cfg: Path, data: Path, out: Path, steps: int, timeout: float):
+    """``python -m training.train`` under torchrun with two gloo ranks on the CPU; returns the
+    finished process, which must have succeeded."""
     torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
-    cfg = tiny_train_config(tmp_path / "d.toml", valid_every=2)
-    out = tmp_path / "run"
     cmd = [torchrun, "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
-    cmd += ["-m", "training.train"]
-    cmd += ["--config", str(cfg), "--data", str(data), "--out", str(out), "--steps", "2"]
+    cmd += ["-m", "training.train", "--config", str(cfg), "--data", str(data)]
+    cmd += ["--out", str(out), "--steps", str(steps), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    done = run_process_group(cmd + ["--no-progress"], timeout=300, cwd=ROOT, env=env)
+    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    done = run_process_group(cmd, timeout=timeout, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process group: gloo, 2 rank(s); device cpu" in done.stderr
-    ckpt = ckpt_io.load(ckpt_io.checkpoint_path(out, 2))
-    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 2
-    assert math.isfinite(ckpt["best_valid_ce"])
+    return done
+
+
+DDP_STEPS = 3  # a checkpoint at step 2 (checkpoint_every) and at the end, step 3
+
+
+def ddp_config(path: Path, compile_: bool) -> Path:
+    return tiny_train_config(path, compile=compile_, valid_every=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def eager_ddp_run(data, tmp_path_factory) -> Path:
+    """One eager training run under torchrun with two ranks, launched once for two tests: the
+    command-line test checks it and the compiled-DDP test compares with it. Validation at step
+    2; checkpoints at step 2 (periodic) and at the end (step 3)."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = root / "eager"
+    torchrun_two_ranks(ddp_config(root / "eager.toml", False), data, out, DDP_STEPS, 300)
+    return out
+
+
+def test_training_cli_runs_under_torchrun_with_two_ranks(eager_ddp_run):
+    for step in (2, DDP_STEPS):
+        ckpt = ckpt_io.load(ckpt_io.checkpoint_path(eager_ddp_run, step))
+        assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == step
+        assert math.isfinite(ckpt["best_valid_ce"])
 
 
 def _weights_and_moments(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -514,27 +538,18 @@ def _weights_and_moments(out: Path, step: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_compiled_model_under_ddp_trains_like_eager_ddp(data, tmp_path):
+def test_compiled_model_under_ddp_trains_like_eager_ddp(data, tmp_path, eager_ddp_run):
     """``compile = true`` under torchrun (DDP around the compiled model, as configs/default.toml
     runs on several GPUs; gloo on CPU here): two ranks train the eager run's parameters and
     optimiser moments."""
-    torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
-    states = {}
-    for compile_ in (False, True):
-        cfg = tiny_train_config(
-            tmp_path / f"c{compile_}.toml", compile=compile_, checkpoint_every=1
-        )
-        out = tmp_path / f"run{compile_}"
-        cmd = [torchrun, "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
-        cmd += ["-m", "training.train", "--config", str(cfg), "--data", str(data)]
-        cmd += ["--out", str(out), "--steps", "2", "--no-progress"]
-        done = run_process_group(cmd, timeout=600, cwd=ROOT, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "process group: gloo, 2 rank(s)" in done.stderr
-        states[compile_] = {k: _weights_and_moments(out, k) for k in (1, 2)}
+    out = tmp_path / "compiled"
+    done = torchrun_two_ranks(ddp_config(tmp_path / "c.toml", True), data, out, DDP_STEPS, 600)
     assert "train.compile: the first step compiles" in done.stderr
+    steps = (2, DDP_STEPS)
+    states = {
+        False: {k: _weights_and_moments(eager_ddp_run, k) for k in steps},
+        True: {k: _weights_and_moments(out, k) for k in steps},
+    }
 
     def same(name: str, v: torch.Tensor, w: torch.Tensor) -> bool:
         if not v.is_floating_point():
@@ -547,9 +562,9 @@ def test_compiled_model_under_ddp_trains_like_eager_ddp(data, tmp_path):
         assert a.keys() == b.keys()
         return all(same(k, v, b[k]) for k, v in a.items())
 
-    assert close(states[False][1], states[True][1]) and close(states[False][2], states[True][2])
-    # Negative control: the comparison tells one step from two.
-    assert not close(states[False][1], states[False][2])
+    assert all(close(states[False][k], states[True][k]) for k in steps)
+    # Negative control: the comparison tells two steps from three.
+    assert not close(states[False][2], states[False][DDP_STEPS])
 
 
 def test_bf16_autocast_step_keeps_the_quantiser_in_fp32(data):
