@@ -324,7 +324,7 @@ def test_max_bad_steps_in_a_row_write_a_checkpoint_and_exit(data, tmp_path, monk
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    monkeypatch.setattr(train_mod.Trainer, "loss", staticmethod(poisoned))
     out = tmp_path / "run"
     argv = ["--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress"]
     code = train_mod.main(argv)

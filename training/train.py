@@ -79,6 +79,7 @@ def accumulate(
     model: torch.nn.Module,
     batches: list[MicroBatch],
     autocast=contextlib.nullcontext,
+    loss=batch_loss,
 ) -> StepSums:
     """Forward and backward over one step's micro-batches; gradients are left in ``.grad``.
 
@@ -86,6 +87,8 @@ def accumulate(
         model: the autoencoder, possibly wrapped in DDP (averaging gradients over ranks).
         batches: this rank's micro-batches of the step.
         autocast: a context manager factory for mixed precision.
+        loss: ``(out, count) -> LossTerms``; training has one, `batch_loss` (experiments
+            compare it with other forms, e.g. ``benchmarks.window_losses``).
     """
     count = torch.tensor(float(sum(b.n_valid() for b in batches)), dtype=torch.float64)
     count = int(dist.all_reduce_sum(count.to(_device_of(model))).item())
@@ -101,7 +104,7 @@ def accumulate(
                 out = model(b.wave, b.windows, b.n)
             if out.logits.dtype in (torch.bfloat16, torch.float16):
                 out.logits = out.logits.float()  # the softmax and the sums in fp32
-            terms = batch_loss(out, count)
+            terms = loss(out, count)
             (terms.loss * scale).backward()
         sums.loss += terms.loss.detach().double().cpu()
         sums.ce += terms.ce.double().cpu()
@@ -118,6 +121,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 class Trainer:
     """Model, optimiser, data and bookkeeping of one run (one per rank)."""
+
+    loss = staticmethod(batch_loss)  # the training loss; experiments subclass to compare others
 
     def __init__(
         self,
@@ -408,7 +413,7 @@ class Trainer:
             for b in self.loader.step(windows, epoch, self.cfg.predictions, self.cfg.accumulation)
         ]
         self.optimizer.zero_grad(set_to_none=True)
-        sums = accumulate(self.forward_model, batches, self._autocast)
+        sums = accumulate(self.forward_model, batches, self._autocast, self.loss)
         parts = torch.stack([sums.loss, sums.ce, sums.commitment]).to(self.device)
         loss, ce, commitment = dist.all_reduce_sum(parts).tolist()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
