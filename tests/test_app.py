@@ -153,11 +153,10 @@ def test_app_streams_decoded_audio_then_offers_the_exact_wav(app_server, tmp_pat
     url, service = app_server
     if shutil.which("ffmpeg") is None:
         pytest.fail("ffmpeg missing (Gradio streams audio through it): `apt-get install -y ffmpeg`")
-    # Waves of 1, 2, 4 and 8 eighth-second segments (the export wrote a primer, so segments
-    # are an eighth of a second): four chunks from 1.9 s (the default first wave, 2
-    # segments, would make three), paced as a trained model's would be (the random tiny one
+    # Eighth-second segments (the export wrote a primer), two at a time: several chunks from
+    # 1.9 s (fifteen segments), paced as a trained model's would be (the random tiny one
     # makes them all in well under a second, and Gradio may then send them as one update).
-    monkeypatch.setattr(service.codec, "first_wave", 1)
+    monkeypatch.setattr(service.codec, "playback_rows", 2)
     engine = service.codec.decode_stream
 
     def paced(*args, **kwargs):

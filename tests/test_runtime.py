@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from tests.conftest import fit_to_test_clips
 from tests.test_export import clip, make_checkpoint, teacher_forced_reference
 from training.config import load_model_config
 from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest, ModelDirError, folding, steps
-from vqwavenet import codec as codec_module
 from vqwavenet.audio import mulaw_decode
 from vqwavenet.folding import Fold
 
@@ -354,49 +352,6 @@ def test_decode_stream_chunks_concatenate_to_decode(tiny):
     assert np.array_equal(np.concatenate(chunks), whole)
     assert len(chunks[0]) < 2000  # the first segment's samples, before it finished
     assert seen == sorted(seen)
-
-
-def test_playback_stream_yields_whole_waves_of_decode(tiny, monkeypatch):
-    """The playback schedule generates the same segments in waves of 2, 4, 8, ... segments
-    and yields each wave whole, ending where the next wave's first segment takes over; in
-    fp32 the waves give `decode`'s samples. Once a wave takes longer than its audio lasts,
-    the rest is one batch, and so is the next stream, until a batch runs at over twice real
-    time. The engine reads a fake clock: calls that take no time, or 1000 s each. A burn-in
-    moves no chunk boundary."""
-    _, out = tiny
-    codec = Codec(out, workers=2)
-    codec.first_wave = 2
-    codes = codec.encode(clip("agent-newlocation", 12000))
-    kwargs = dict(speaker=1, seed=3, n_samples=12000, segment=1000, overlap=100, burn_in=200)
-    whole = codec.decode(codes, **kwargs)
-    engine = codec.engine.run
-
-    def stream(clock) -> tuple[list[int], list[int | None]]:
-        """Chunk lengths, and the streams of each engine call (``None``: all)."""
-        fake = SimpleNamespace(perf_counter=lambda: next(clock), sleep=time.sleep)
-        calls, seen = [], []
-
-        def spy(*args, order=None, **kw):
-            calls.append(None if order is None else len(order))
-            return engine(*args, order=order, **kw)
-
-        with monkeypatch.context() as m:
-            m.setattr(codec_module, "time", fake)
-            m.setattr(codec.engine, "run", spy)
-            progress = lambda done, total: seen.append(done)  # noqa: E731
-            chunks = list(codec.decode_stream(codes, **kwargs, interval=0.01, progress=progress))
-        assert seen == sorted(seen) and seen[-1] > 0
-        assert np.array_equal(np.concatenate(chunks), whole)
-        return [len(c) for c in chunks], calls
-
-    fast, slow = (lambda: iter(lambda: 0.0, None)), (lambda: iter(range(0, 10**9, 1000)))
-    # 12 segments: waves [0, 2), [2, 6), [6, 12) (a last wave shorter than 8 joins the one
-    # before); each chunk ends at the next wave's start less the overlap.
-    assert stream(fast()) == ([2000 - 100, 4000, 12000 - 5900], [2, 4, 6])
-    assert stream(slow()) == ([2000 - 100, 12000 - 1900], [2, 10])
-    assert stream(slow())[1] == [None]  # one batch, slower than real time
-    assert stream(fast())[1] == [None]  # one batch, at over twice real time: waves pay again
-    assert stream(fast()) == ([2000 - 100, 4000, 12000 - 5900], [2, 4, 6])
 
 
 def test_decode_stream_refuses_an_unknown_schedule(tiny):

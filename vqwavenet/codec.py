@@ -18,13 +18,17 @@ does from its zero padding. Later ones cannot start from the audio before them, 
 generated beside them: by default they start from the decoder's state after the model
 directory's primer, a few milliseconds of real speech (`vqwavenet.primer`), and are as loud as
 an unbroken decode from their first samples; from silence (``warmup="steady"``) a sampled
-segment starts quiet and needs a longer burn-in. Several requests share the batch, and the
-segment length adapts to it (`Codec.auto_segment`): enough rows to keep the matrix products
-efficient, never segments so short that joins dominate. `Codec.decode_stream` yields the audio
-as it becomes final. Sampling noise comes from ``numpy.random.default_rng([seed, segment])``
-per stream, so a call is reproducible for a seed (bit-identical for the same requests and
-settings; batching a file with others changes the batch shape of the matrix products, which
-may change the last bits and so the draw).
+segment starts quiet and needs a longer burn-in. The segment length adapts to the call
+(`Codec.auto_segment`): enough rows to keep the matrix products efficient, never segments so
+short that joins dominate. `Codec.decode_stream` yields the audio as it becomes final.
+
+Every decoding call of a codec, from any thread, goes through one scheduler
+(`vqwavenet.steps.Scheduler`): concurrent calls share step batches, each call's segments
+joining the running batches at the next step block and leaving when finished. Sampling noise
+comes from ``numpy.random.default_rng([seed, segment])`` per stream, and in fp32 a row's
+samples do not depend on the rows beside it, so a call is reproducible for a seed whatever runs
+beside it (int8 scales each product's input over all rows of a step, so there the batch
+changes the samples).
 
 Only ``model.geometry`` (pure numpy) is imported from the model package, to rebuild the codec's
 geometry from the layer specs in ``model.json``.
@@ -58,7 +62,7 @@ from vqwavenet.model_dir import (
     geometry_from_spec,
     read_meta,
 )
-from vqwavenet.steps import Live, StepEngine, Stream, make_session
+from vqwavenet.steps import Job, Live, StepEngine, Stream, make_session
 
 Progress = Callable[[int, int], None]
 
@@ -91,7 +95,10 @@ class Codec:
     with one intra-op thread (`vqwavenet.steps.StepEngine`); a second worker starts as soon as
     there are two streams. A step's throughput keeps rising with the rows of a batch up to a
     point, so `decode_many` cuts segments to give each worker `target_streams` rows when the
-    batch holds enough audio, never shorter than `min_segment`.
+    call holds enough audio, never shorter than `min_segment`. Concurrent calls share the
+    workers' batches (`vqwavenet.steps.Scheduler`): at most `max_rows` rows per worker and
+    `max_requests` calls at once (one more raises `vqwavenet.steps.Busy`), a playback stream
+    at most `playback_rows` rows.
 
     Args:
         model_dir: directory with ``model.json`` and the graphs.
@@ -116,9 +123,10 @@ class Codec:
 
     # Rows `decode_many` aims to give each worker.
     target_streams: int = 64
-    # Segments in `decode_stream`'s first wave (`min_segment` long): few enough that the first
-    # chunk comes soon, enough that later waves keep ahead of the listener.
-    first_wave: int = 2
+    # Segments a playback stream (`decode_stream`) runs at once: a few times real time for a
+    # listener alone, while the rows of a batch stay few enough that its first segments, and
+    # those of requests arriving beside it, finish soon.
+    playback_rows: int = 8
 
     def __init__(
         self,
@@ -171,7 +179,6 @@ class Codec:
         self.engine = StepEngine(
             spec, self.geometry, self.q, paths[step_file], paths[warm_file], workers
         )
-        self._waves_fell_behind = False  # see `decode_stream`
         # The primer every voice starts from (key None) and voices' own (by speaker index).
         self.primers = self._load_primers(check_hashes) if self.warmup == "primed" else {}
         self._primed_states: dict[int, tuple[np.ndarray, int]] = {}  # per speaker
@@ -201,6 +208,18 @@ class Codec:
     @max_rows.setter
     def max_rows(self, rows: int) -> None:
         self.engine.max_rows = rows
+
+    @property
+    def max_requests(self) -> int:
+        """Requests the engine holds at once, running or waiting for rows; one more is
+        refused at once with `vqwavenet.steps.Busy`."""
+        return self.engine.max_requests
+
+    @max_requests.setter
+    def max_requests(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("max_requests must be >= 1")
+        self.engine.max_requests = n
 
     @property
     def parallel_warmup(self) -> bool:
@@ -451,111 +470,93 @@ class Codec:
     ) -> Iterator[np.ndarray]:
         """`decode`, yielding the waveform in consecutive chunks as soon as they are final.
 
-        ``schedule="playback"`` (default) serves a listener. The file is cut into
-        `min_segment` segments (not `auto_segment`'s), generated in waves of consecutive
-        segments: the first `first_wave` segments, each next wave twice as many. Each wave is
-        one chunk, generated while the earlier ones play, so a player can start on the first
-        chunk and run without gaps where the engine is faster than real time (the
-        ``stream_playback`` rows of ``benchmarks.generation``). One batch would make the
-        listener wait for all of it. Small waves cost throughput, so once a wave takes longer
-        than the audio it holds, the rest runs as one batch, and so do the codec's later
-        playback streams (`decode`'s segments) until one of them runs at over twice real time.
+        The request joins the engine's shared scheduler (`vqwavenet.steps.Scheduler`): its
+        segments run in the step batches of every other request, earliest deadline first, so
+        the chunks come as the segments finish. ``schedule="playback"`` (default) serves a
+        listener: the file is cut into `min_segment` segments (not `auto_segment`'s), at
+        most `playback_rows` of them run at once (enough to stay ahead of a listener alone,
+        few enough that the first ones finish soon and others get rows), and the first chunk
+        waits until the audio final so far, played from then on, is predicted to last until
+        the rest is final (`_may_start`): where the engine outruns real time that is the
+        first finished audio, under load later, so that a player that starts on the first
+        chunk plays to the end without a gap. ``schedule="batch"`` runs `decode`'s segments
+        with no row limit and yields every final prefix at once (the first segment's samples
+        become final as they are generated).
 
-        ``schedule="batch"`` runs `decode`'s schedule, so the chunks concatenate to exactly its
-        output. The first segment's samples become final as they are generated, the others
-        when the whole batch ends. The final prefix is polled every ``interval`` seconds and
-        yielded when it grew.
-
-        Either way a stream is reproducible for a seed. The waves generate the same segments
-        from the same noise as one batch. In fp32 they give `decode`'s samples for the same
-        ``segment`` (a row's products do not depend on the rows beside it). int8 quantises
-        each product's input with one scale over its rows, so int8 samples depend on the
-        batch.
+        The final prefix is checked whenever the workers publish progress, at least every
+        ``interval`` seconds (when ``progress`` is called). Either way the chunks are
+        reproducible for a seed and concatenate to `decode`'s samples for the same
+        ``segment``: in fp32 a row's samples do not depend on the rows beside it (int8 scales
+        each product's input over all rows of a step, so its samples depend on the batch).
+        Closing the generator (a listener gone) frees the request's rows at the workers' next
+        step and returns once they are free. Raises `vqwavenet.steps.Busy` (at the first
+        ``next()``) when the engine already holds `max_requests` requests.
         """
         if schedule not in ("playback", "batch"):
             raise ValueError(f"schedule must be 'playback' or 'batch', not {schedule!r}")
         req = DecodeRequest(codes, speaker, n_samples, seed)
-        waves = schedule == "playback" and not self._waves_fell_behind
-        if waves:
+        playback = schedule == "playback"
+        if playback:
             segment = segment or self.min_segment
         plan = self.plan([req], segment, overlap, burn_in)
         live = Live(len(plan.streams))
         live.total = sum(self.context + s.length for s in plan.streams)
-        # Chunks end where waves end: a player that starts on a part of a wave stalls.
-        marks: list[int] | None = [] if waves else None
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                if marks is None:
-                    self._generate_batch(plan, live, timed=schedule == "playback")
-                else:
-                    self._generate_waves(plan, live, marks)
-            except BaseException as e:  # re-raised by the generator
-                failure.append(e)
-
-        worker = threading.Thread(target=run, name="vqwavenet-stream", daemon=True)
-        worker.start()
+        limit = self.playback_rows if playback else None
+        job = self.engine.submit(plan.streams, plan.cond, live, limit=limit)
         try:
-            yield from self._poll(live, worker, failure, plan.folds[0], progress, interval, marks)
-        finally:  # also when the consumer stops early (closed generator): stop the workers
-            live.cancelled = True  # they stop after their current call
-            worker.join()  # before close() returns: a process may exit right after it
+            yield from self._poll(job, plan.folds[0], progress, interval, playback)
+        finally:  # also when the consumer stops early (closed generator): free its rows
+            self.engine.cancel(job)  # nothing to cancel once it finished
+            job.scheduler.settle(job)  # before close() returns: a process may exit right after
 
-    def _generate_batch(self, plan: Plan, live: Live, timed: bool) -> None:
-        """`decode_stream`'s work as one batch; ``timed``: a playback stream, which decides
-        whether the next playback streams use waves again."""
-        started = time.perf_counter()
-        self.engine.run(plan.streams, plan.cond, None, live=live)
-        if timed and not live.cancelled:  # do waves pay again?
-            seconds = plan.folds[0].n / self.sample_rate
-            self._waves_fell_behind = 2 * (time.perf_counter() - started) >= seconds
-        return
-
-    def _generate_waves(self, plan: Plan, live: Live, marks: list[int]) -> None:
-        """`decode_stream`'s work in waves, each appending the sample count it ends at to
-        ``marks`` before it runs."""
-        fold, n_streams = plan.folds[0], len(plan.streams)
-        bounds = fold.bounds
-        lo, size = 0, max(1, self.first_wave)
-        while lo < n_streams and not live.cancelled:
-            hi = n_streams if n_streams - lo < 2 * size else lo + size
-            marks.append(bounds[hi][0] - fold.overlap if hi < n_streams else fold.n)
-            started = time.perf_counter()
-            order = range(lo, hi)
-            self.engine.run(plan.streams, plan.cond, None, live=live, order=order, spread=True)
-            seconds = (bounds[hi - 1][1] - bounds[lo][0]) / self.sample_rate
-            if time.perf_counter() - started > seconds:  # the listener overtakes
-                size = n_streams  # waves: the rest as one batch, the fastest way
-                self._waves_fell_behind = True
-            lo, size = hi, 2 * size
-
-    def _poll(self, live, worker, failure, fold: Fold, progress, interval, marks):
-        """`decode_stream`'s loop: yield the final prefix whenever it grew (``marks=None``)
-        or reached one of ``marks`` (sample counts, the last being ``n``; appended to as the
-        work is planned)."""
-        emitted, n = 0, fold.n
+    def _poll(self, job: Job, fold: Fold, progress, interval: float, playback: bool):
+        """`decode_stream`'s loop: yield the final prefix whenever it grew; in ``playback``,
+        the first chunk only once `_may_start` says a player can start on it."""
+        live, n = job.live, fold.n
+        emitted = final = lump = 0  # samples yielded, final, and the most final at once
+        started = reached = time.monotonic()  # when the final prefix last grew
         while emitted < n:
-            ended = not worker.is_alive()
-            if failure:
-                raise failure[0]
             with live.lock:
                 produced = [live.produced(i) for i in range(len(live.results))]
                 ready = folding.final_prefix(fold, produced)
-                if marks is not None:  # the last mark reached, if any passed since `emitted`
-                    ready = max([emitted] + [m for m in marks if m <= ready])
-                if ready > emitted:
+                now = time.monotonic()
+                if ready > final:
+                    lump, final, reached = max(lump, ready - final), ready, now
+                wait = 0.0  # seconds until the first chunk may go
+                if playback and not emitted and ready < n:
+                    wait = self._may_start(started, reached, ready, n, lump)
+                go = ready > emitted and wait <= 0
+                if go:
                     segs = [live.view(i) for i in range(len(live.results))]
                     chunk = folding.compose(fold, segs, emitted, ready, self.q)
+                ended = job.done.is_set()
+                if not go and not ended:
+                    live.lock.wait(interval if wait <= 0 else min(interval, wait))
+                done = sum(live.done)
+            if job.error is not None:
+                raise job.error
             if progress is not None:
-                progress(sum(live.done), live.total)
-            if ready > emitted:
+                progress(done, live.total)
+            if go:
                 emitted = ready
                 yield chunk
-            elif ended:
+            elif ended and ready < n:
                 raise RuntimeError("decoding stopped before the end of the audio")
-            else:
-                time.sleep(interval)
+
+    def _may_start(self, started: float, reached: float, final: int, n: int, lump: int) -> float:
+        """Seconds until a player may start on the first ``final`` samples of ``n`` (0: now).
+
+        The audio becomes final in lumps (segments that ran side by side finish together),
+        at the mean rate so far, ``final`` samples in ``reached - started`` seconds. Were it
+        to go on so, with lumps of ``lump`` samples, the last lump comes at the predicted end,
+        and a player that started at time ``t`` has not run out then if ``t + (n - lump) /
+        rate >= end``: the start that never stalls; where the audio comes faster than real
+        time that is now. The rate counts with a twentieth less (later arrivals slow it)."""
+        if final <= 0:
+            return float("inf")
+        rate = final / max(reached - started, 1e-9)  # samples per second
+        end = reached + 1.05 * (n - final) / rate
+        return end - (n - lump) / self.sample_rate - time.monotonic()
 
     def plan(
         self,
@@ -599,6 +600,7 @@ class Codec:
                         seed=(int(req.seed), k),
                         steady=k > 0 and self.warmup == "steady",
                         primed=primed if k > 0 else None,
+                        at=fold.bounds[k][0] / self.sample_rate,
                     )
                 )
             offset += len(cond)

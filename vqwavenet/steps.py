@@ -1,4 +1,5 @@
-"""The step machinery: ring buffers, onnxruntime I/O bindings and the step loop.
+"""The step machinery: ring buffers, onnxruntime I/O bindings, and the scheduler that runs the
+streams of every request in shared step batches.
 
 Decoding runs one ``decoder_step.onnx`` call per sample for a batch of streams (`Stream`). Each
 layer keeps a ring buffer of its past inputs in numpy; the step graph takes one tensor per tap
@@ -8,19 +9,26 @@ must hold, so the slot a step writes is never one it reads, and all ring sizes d
 period (`ring_layout`), so the bindings depend only on the step modulo the period and are built
 once.
 
-`StepEngine` splits the streams between worker threads, each with its own step session and one
-intra-op thread, and runs each worker's rows in lockstep: a row that finishes its stream takes
-the next from the worker's queue, and a draining batch drops its idle rows. The bookkeeping is
-done in blocks of at most `BLOCK` steps (`StepEngine` gathers a block's inputs before it and
-scatters its outputs after), so a step costs the onnxruntime call and a few copies.
+`Scheduler` runs requests (a `Job`: the streams of one call and the conditioning they read) on
+the engine's worker threads, each with its own step session and one intra-op thread, and each
+running its batch of rows in lockstep. Rows are shared between requests (continuous batching):
+at every block boundary a worker frees the rows of finished and cancelled streams and gives
+free rows to the queued streams of earliest deadline over all requests, up to `max_rows` rows
+per worker; a draining batch drops its idle rows. The bookkeeping is done in blocks of at most
+`BLOCK` steps (a block's inputs are gathered before it and its outputs scattered after), so a
+step costs the onnxruntime call and a few copies. A row's values never depend on the rows
+beside it in fp32 (and in int8 with per-row activation scales), so a request decodes to the
+same samples whoever shares its batch.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,19 +83,21 @@ class Stream:
     targets: np.ndarray | None = None  # [length] classes whose NLL to return
     steady: bool = False  # start from `StepEngine.steady` rings instead of the exact warm-up
     primed: tuple[np.ndarray, int] | None = None  # start from these rings and input class
+    at: float = 0.0  # seconds into its utterance where its output starts (`Job.deadline`)
 
 
 class Live:
-    """What the workers publish while they run, for `Codec.decode_stream`: finished streams'
-    outputs, running streams' output rows with their produced counts, and the work done."""
+    """What the workers publish about one request while they run, for `Codec.decode_stream`:
+    finished streams' outputs, running streams' outputs with their produced counts, and the
+    steps done. ``lock`` is a condition the workers notify whenever they publish."""
 
     def __init__(self, n_streams: int):
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.results: list[np.ndarray | None] = [None] * n_streams
         self.partial: list[tuple[np.ndarray, int] | None] = [None] * n_streams
-        self.done: list[int] = []
+        self.done: list[int] = [0]  # steps done (a list: `sum(live.done)` is the count)
         self.total = 1
-        self.cancelled = False  # set when the consumer goes away: workers stop at their next step
+        self.cancelled = False  # set when the consumer goes away: its rows are freed
 
     def produced(self, i: int) -> int:
         if self.results[i] is not None:
@@ -100,15 +110,89 @@ class Live:
         return self.partial[i][0] if self.partial[i] is not None else np.zeros(0, np.int64)
 
 
-BLOCK = 128  # steps between `StepEngine`'s bookkeeping of rows and streams, at most
-KEEP_ROW_COUNTS = 4  # binding sets a step batch keeps, one per row count
+class Busy(RuntimeError):
+    """The engine holds as many requests as it admits (`StepEngine.max_requests`): the request
+    is refused at once rather than queued without bound; try again shortly."""
+
+
+class Job:
+    """One call's streams in a `Scheduler`: the streams, the conditioning rows they read
+    (``cond``; each stream its range ``[cond_offset, cond_offset + cond_count)``), the `Live`
+    record the workers publish to, and at most ``limit`` rows at once (``None``: no cap
+    beyond the workers' own).
+
+    Streams queue by deadline: the job's arrival plus the stream's `Stream.at`, the moment a
+    listener who started at the arrival would need the stream's audio. Earliest deadline first
+    over all jobs interleaves requests by playback position, so a short request that arrives
+    behind a long one is not kept waiting for the long one's later segments, and a deadline
+    never moves, so every queued stream is reached (no starvation)."""
+
+    def __init__(
+        self,
+        streams: Sequence[Stream],
+        cond: np.ndarray,
+        live: Live,
+        *,
+        limit: int | None = None,
+        arrival: float | None = None,
+    ):
+        if limit is not None and limit < 1:
+            raise ValueError("a job's row limit must be >= 1")
+        self.streams, self.cond, self.live = list(streams), cond, live
+        self.limit = limit
+        self.arrival = arrival
+        self.pending = deque(sorted(range(len(self.streams)), key=lambda i: self.streams[i].at))
+        self.rows = 0  # rows it holds, over every worker
+        self.left = len(self.streams)  # streams not finished
+        self.error: BaseException | None = None
+        self.done = threading.Event()  # finished, failed or cancelled, and holding no row
+        self.finished = False  # (under the scheduler's lock) `done` is about to be set
+        self.seq = 0
+        self.scheduler: Scheduler | None = None
+
+    def deadline(self, i: int) -> float:
+        return self.arrival + self.streams[i].at
+
+    @property
+    def room(self) -> int:
+        """Queued streams it may start now (its limit less the rows it holds)."""
+        if self.live.cancelled:
+            return 0
+        cap = len(self.pending) if self.limit is None else self.limit - self.rows
+        return max(0, min(len(self.pending), cap))
+
+
+class Track:
+    """A stream running in a row: its inputs per local step (conditioning row, noise,
+    teacher-forced classes), its outputs, and the global step of its local step 0."""
+
+    __slots__ = ("job", "index", "n", "start", "cidx", "noise", "prev", "targets", "out", "credit")
+
+    def __init__(self, job: Job, index: int, n: int, start: int):
+        self.job, self.index, self.n, self.start = job, index, n, start
+        self.cidx = self.noise = self.prev = self.targets = self.out = None
+        self.credit = 0  # steps done outside blocks (a placed warm-up), reported at a boundary
+
+
+BLOCK = 128  # steps between the bookkeeping of rows and streams, at most
+KEEP_ROW_COUNTS = 8  # binding sets a step batch keeps, one per row count
+# Row counts a batch runs: powers of two and three times them. A batch whose rows come and go
+# runs the next count up (idle rows compute too), so it steps through a few counts whose
+# bindings it keeps, rather than binding every step phase again at every count.
+ROW_COUNTS = sorted({2**i for i in range(16)} | {3 * 2**i for i in range(15)})
+
+
+def row_count(rows: int) -> int:
+    """The smallest of `ROW_COUNTS` at least ``rows``."""
+    return ROW_COUNTS[bisect.bisect_left(ROW_COUNTS, rows)]
 
 
 class StepBatch:
     """One worker's step call: the ring store, the conditioning, input and output buffers, and
     one onnxruntime binding per step phase (built on first use) that points each tap at its
     ring slot and each layer's output at the slot it overwrites. Rows ``[0, m)`` take part;
-    `keep` drops idle rows so that a draining batch stops computing them."""
+    `resize` adds rows up to `capacity`, `keep` drops idle rows so that a draining batch stops
+    computing them."""
 
     def __init__(
         self, engine: StepEngine, rows: int, *, logits: bool, session: ort.InferenceSession
@@ -160,6 +244,26 @@ class StepBatch:
                 del self._bound[next(iter(self._bound))]  # the oldest
         self._bindings, self._slots, self._fixed = self._bound[rows]
 
+    def resize(self, rows: int) -> None:
+        """Run rows ``[0, rows)`` (at most `capacity`) from now on."""
+        self._use(rows)
+
+    def clear(self, lo: int, hi: int, zero_class: int) -> None:
+        """Zero rows ``[lo, hi)``'s rings and conditioning and give them the zero class as
+        input: idle rows that join the steps then carry no stale or non-finite value (which
+        int8 with one activation scale per call would spread to every row)."""
+        self.store[:, lo:hi] = 0
+        self.cond[:, lo:hi] = 0
+        self.prev[lo:hi] = zero_class
+
+    def copy_rows(self, other: StepBatch) -> None:
+        """Take ``other``'s rows ``[0, other.m)`` (rings, conditioning, inputs) into rows
+        ``[0, other.m)``: a batch that outgrew its capacity moves to a larger one."""
+        m = other.m
+        self.store[:, :m] = other.store[:, :m]
+        self.cond[:, :m] = other.cond[:, :m]
+        self.prev[:m] = other.prev[:m]
+
     def keep(self, rows: np.ndarray) -> None:
         """Move ``rows`` (in order) to the front and run only those from now on."""
         k = len(rows)
@@ -206,32 +310,6 @@ def ortvalue(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
-class Rows:
-    """Per-row bookkeeping of a worker's batch: the stream each row runs (-1: idle), its
-    timeline and inputs per local step, and its outputs."""
-
-    def __init__(self, rows: int, steps: int, ctx: int, forced: bool, nll: bool, q: int):
-        self.sid = np.full(rows, -1, dtype=np.int64)
-        self.start = np.zeros(rows, dtype=np.int64)  # global step of the row's local step 0
-        self.last = np.zeros(rows, dtype=np.int64)  # its final local step
-        self.crow = np.full(rows, -1, dtype=np.int64)  # row of `cond` in the batch's buffer
-        self.cidx = np.zeros((rows, steps), dtype=np.int64)  # row of `cond` per local step
-        self.noise = np.zeros((rows, steps), dtype=np.float32)
-        self.prev = np.zeros((rows, steps), dtype=np.int64) if forced else None
-        self.targets = np.zeros((rows, steps - ctx), dtype=np.int64) if nll else None
-        if nll:
-            self.out = np.zeros((rows, steps - ctx), dtype=np.float32)
-        elif forced:
-            self.out = np.zeros((rows, steps - ctx, q), dtype=np.float32)
-        else:
-            self.out = np.zeros((rows, steps - ctx), dtype=np.int64)
-
-    def keep(self, rows: np.ndarray) -> None:
-        for name, value in vars(self).items():
-            if value is not None:
-                setattr(self, name, value[rows])
-
-
 def make_session(path: str | Path, threads: int) -> ort.InferenceSession:
     """A CPU onnxruntime session with ``threads`` intra-op threads and full optimisation."""
     so = ort.SessionOptions()
@@ -254,12 +332,19 @@ class StepEngine:
             warm-up in one parallel call.
         workers: worker threads, each with its own step session (two threads sharing one
             session ran erratically in int8, probably through the shared memory arena).
+
+    Free-running streams (decoding) of every call go through one shared `Scheduler`, so
+    concurrent calls share step batches; teacher-forced ones (scoring) run on a scheduler of
+    their own per call.
     """
 
     # A second worker starts from this many streams.
     streams_per_worker: int = 1
-    # Rows per worker; more streams wait in its queue. Its rings take rows x R floats per slot.
+    # Rows per worker; more streams wait in the queue. Its rings take rows x R floats per slot.
     max_rows: int = 128
+    # Requests the shared scheduler holds at once (running or waiting for rows); one more is
+    # refused with `Busy`. Each holds its conditioning (L x 2G floats per frame) until it ends.
+    max_requests: int = 16
 
     def __init__(
         self,
@@ -298,67 +383,80 @@ class StepEngine:
             np.concatenate([np.arange(n, 0, -1) for n in needs]),
             np.repeat(sizes, needs),
         )
+        self.zero_class = int(mulaw_encode(np.zeros(1), q)[0])
+        self.scheduler = Scheduler(self, logits=False, shared=True)
 
-    def run(
+    # --- calls ----------------------------------------------------------------------------------
+
+    def submit(
         self,
-        streams: list[Stream],
+        streams: Sequence[Stream],
         cond: np.ndarray,
-        progress,
-        *,
         live: Live | None = None,
-        order: Sequence[int] | None = None,
-        spread: bool = False,
-    ) -> list[np.ndarray]:
-        """Run the streams ``order`` (default: all), split between worker threads; results in
-        stream order.
-
-        Workers take streams round-robin in order (so the first segments of a file come
-        first, for `decode_stream`); each owns a queue and a batch of at most `max_rows` rows,
-        and a row that finishes its stream takes the next one from its queue. ``spread``: use
-        every worker however few the streams (latency over throughput, see the class)."""
-        order = list(range(len(streams))) if order is None else list(order)
-        workers = self.workers_for(len(order), spread)
-        groups = [g for g in (order[w::workers] for w in range(workers)) if g]
+        *,
+        limit: int | None = None,
+        arrival: float | None = None,
+    ) -> Job:
+        """Queue the streams of one call and return its `Job` at once; `wait` for it (or
+        `cancel` it, then `wait`). Free-running streams join the shared scheduler (raises
+        `Busy` when it holds `max_requests` requests); teacher-forced ones get a scheduler of
+        their own. ``limit``: rows the call may hold at once; ``arrival``: the time its
+        deadlines count from (default: now, on ``time.monotonic``'s clock)."""
         if live is None:
             live = Live(len(streams))
             live.total = sum(self.context + s.length for s in streams)
-        first = len(live.done)  # a live record may span several calls (`decode_stream`)
-        live.done.extend([0] * len(groups))
-        errors: list[BaseException] = []
+        job = Job(streams, cond, live, limit=limit, arrival=arrival)
+        forced = bool(streams) and streams[0].forced is not None
+        scheduler = Scheduler(self, logits=True, shared=False) if forced else self.scheduler
+        scheduler.submit(job)
+        return job
 
-        def work(w: int) -> None:
-            try:
-                self._run_group(streams, groups[w], cond, live, first + w, w)
-            except BaseException as e:  # re-raised in the calling thread
-                errors.append(e)
-
-        threads = [
-            threading.Thread(target=work, args=(w,), name=f"vqwavenet-worker{w}", daemon=True)
-            for w in range(1, len(groups))
-        ]
-        for t in threads:
-            t.start()
-        if progress is None:
-            work(0)
-        else:
-            main = threading.Thread(target=work, args=(0,), daemon=True)
-            main.start()
-            threads.append(main)
-            while any(t.is_alive() for t in threads):
-                progress(sum(live.done), live.total)
-                time.sleep(0.25)
-            progress(live.total, live.total)
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+    def wait(self, job: Job, progress=None) -> list[np.ndarray]:
+        """The outputs of ``job``'s streams once it ends, in stream order; ``progress(done,
+        total)`` is called from this thread meanwhile. An exception (from ``progress`` too)
+        cancels the job; returns once its rows are free and the workers it leaves idle have
+        stopped."""
+        live = job.live
+        try:
+            if progress is None:
+                job.done.wait()
+            else:
+                while not job.done.wait(0.25):
+                    with live.lock:
+                        done = sum(live.done)
+                    progress(done, live.total)
+                if job.error is None and not live.cancelled:
+                    progress(live.total, live.total)
+        except BaseException:
+            self.cancel(job)
+            raise
+        finally:
+            job.scheduler.settle(job)
+        if job.error is not None:
+            raise job.error
+        if live.cancelled:
+            raise RuntimeError("decoding was cancelled")
         return list(live.results)
+
+    def cancel(self, job: Job) -> None:
+        """Stop ``job``: its queued streams never start and its rows are freed at their
+        workers' next step (`wait` returns once they are)."""
+        job.scheduler.cancel(job)
+
+    def run(
+        self, streams: list[Stream], cond: np.ndarray, progress, *, live: Live | None = None
+    ) -> list[np.ndarray]:
+        """Run the streams and return their outputs in stream order (`submit`, then
+        `wait`)."""
+        return self.wait(self.submit(streams, cond, live), progress)
 
     def workers_for(self, n_streams: int, spread: bool = False) -> int:
         """Worker threads that run ``n_streams`` streams: a second one from
-        `streams_per_worker` each (see the class), or whenever there are two with ``spread``."""
+        `streams_per_worker` each, or whenever there are two with ``spread``."""
         fill = 1 if spread else self.streams_per_worker
         return max(1, min(self.workers, n_streams // fill))
+
+    # --- starts ---------------------------------------------------------------------------------
 
     def steady(self, cond_rows: np.ndarray, zero_class: int) -> np.ndarray:
         """Every layer's input after endless silence under each of ``cond_rows``
@@ -376,6 +474,14 @@ class StepEngine:
             taps = {name: x[i] for name, (i, *_rest) in zip(names["inputs"][2:], self.taps)}
             x = np.stack(self.sessions[0].run(names["outputs"][2:], {**fixed, **taps}))
         return x.transpose(1, 0, 2)
+
+    def warm_rings(self, prev: np.ndarray, cond: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The rings after ``context`` steps fed the classes ``prev`` under the conditioning
+        rows ``cond[at]``, computed in parallel (one `decoder_warmup.onnx` call)."""
+        feeds = {"prev": prev[None], "cond": cond[at[0] : at[-1] + 1][None]}
+        return self.warm.run(None, {**feeds, "index": (at - at[0])[None]})[0][0]
+
+    # --- step batches ---------------------------------------------------------------------------
 
     def _take_batch(self, rows: int, logits: bool, lane: int = 0) -> StepBatch:
         """A step batch for ``rows`` rows: an idle one from an earlier call where one fits
@@ -415,136 +521,362 @@ class StepEngine:
         with self._batches_lock:
             self.batches.clear()
 
-    def _run_group(
-        self,
-        streams: list[Stream],
-        queue: list[int],
-        cond: np.ndarray,
-        live: Live,
-        worker: int,
-        lane: int = 0,
-    ) -> None:
-        """The step loop of one worker (``lane``: its thread in this call, which picks its step
-        session): rows in lockstep, each at its own stream's local step ``l`` (``l <
-        context``: warm-up on zero input; then one output per step)."""
-        forced = streams[queue[0]].forced is not None
-        batch = self._take_batch(min(len(queue), self.max_rows), forced, lane)
-        try:
-            self._step_loop(streams, queue, cond, live, worker, batch)
-        finally:
-            self._give_batch(batch)
 
-    def _step_loop(self, streams, queue, cond, live, worker: int, batch: StepBatch) -> None:
-        """`_run_group`'s loop over the batch it took."""
-        ctx = self.context
-        forced = batch.logits is not None  # teacher forcing, as `_run_group` took it
-        want_nll = forced and streams[queue[0]].targets is not None
-        steps = ctx + max(streams[i].length for i in queue)
-        rows = Rows(batch.m, steps, ctx, forced, want_nll, self.q)
-        zero_class = mulaw_encode(np.zeros(1), self.q)[0]
-        pending = iter(queue)
-        left = len(queue)  # streams not yet loaded
+class Scheduler:
+    """Runs `Job`s on the engine's worker threads in shared step batches (see the module doc).
 
-        def load(targets: Sequence[int], at: int) -> None:
-            """Give each row of ``targets`` the next queued stream (or none), from step
-            ``at``; rows that start from steady rings get them in one batched call."""
-            nonlocal left
-            steady = []
-            for row in targets:
-                i = next(pending, None)
-                rows.sid[row] = -1 if i is None else i
-                if i is None:
-                    continue
-                left -= 1
-                st = streams[i]
-                n = ctx + st.length
-                idx = self.geometry.cond_index(st.tau0 + np.arange(n)) + st.cond_offset
-                lo, hi = st.cond_offset, st.cond_offset + st.cond_count - 1
-                rows.cidx[row, :n] = np.clip(idx, lo, hi)
-                rows.noise[row, :n] = np.random.default_rng(st.seed).random(n, dtype=np.float32)
-                if forced:
-                    rows.prev[row, :n] = st.forced
-                if want_nll:
-                    rows.targets[row, : st.length] = st.targets
-                rows.start[row], rows.last[row], batch.prev[row] = at, n - 1, zero_class
-                if st.primed is not None:  # `Codec.primed_state`: after the primer's speech
-                    place(row, at, st.primed[0])
-                    batch.prev[row] = st.primed[1]
-                elif st.steady:  # endless silence under the first conditioning row
-                    steady.append(row)
-                elif self.parallel_warmup:  # the warm-up steps, computed in parallel
-                    prev = rows.prev[row, :ctx] if forced else np.full(ctx, zero_class)
-                    place(row, at, self.warm_rings(prev, cond, rows.cidx[row, :ctx]))
-            if steady:  # fill their rings with each layer's constant input
-                x = self.steady(cond[rows.cidx[steady, ctx]], zero_class)
-                for i, (offset, size) in enumerate(self.writes):
-                    batch.store[offset : offset + size, steady] = x[:, i]
-                rows.start[steady] = at - ctx
-                live.done[worker] += ctx * len(steady)
+    Each worker owns one batch on its own step session and loops. At a block boundary, under
+    the scheduler's lock, it records the streams that ended, frees the rows of finished and
+    cancelled ones, and admits queued streams into free rows: earliest deadline first over all
+    jobs (`Job.deadline`), each job within its row limit, each worker up to its share of the
+    rows busy and admissible over all workers (split evenly between `StepEngine.workers_for`
+    of them, at most `StepEngine.max_rows`). Then, without the lock, it loads the new streams
+    and runs the next block, which ends early when a job arrives or is cancelled. A worker
+    left with no row gives its batch back and stops; the next submission starts it again.
 
-        def place(row: int, at: int, state: np.ndarray) -> None:
-            """Start ``row`` at its local step ``ctx`` from the rings ``state``."""
-            offset, lag, size = self.state_layout
-            batch.store[offset + (at - lag) % size, row] = state
-            rows.start[row] = at - ctx
-            live.done[worker] += ctx
+    ``logits``: the batches return logits (teacher forcing); ``shared``: the engine's one
+    scheduler, which holds at most `StepEngine.max_requests` jobs at once.
+    """
 
-        load(range(batch.m), 0)
-        s = 0
-        while (rows.sid >= 0).any() and not live.cancelled:
-            busy = rows.sid >= 0
-            end = int((rows.start + rows.last)[busy].min())  # the first row to finish, its step
-            mark = -(-s // BLOCK) * BLOCK  # blocks end after steps divisible by BLOCK
-            k = self._block(batch, rows, cond, s, min(end, mark) - s + 1, busy, live)
-            live.done[worker] += int(busy.sum()) * k
-            s += k
-            ending = np.flatnonzero(busy & (rows.start + rows.last == s - 1))
+    def __init__(self, engine: StepEngine, *, logits: bool, shared: bool):
+        self.engine, self.logits, self.shared = engine, logits, shared
+        self.lock = threading.Lock()
+        self.jobs: list[Job] = []  # submitted and not finished, in arrival order
+        self.threads: list[threading.Thread | None] = [None] * engine.workers
+        self.busy = [0] * engine.workers  # rows each worker holds
+        self.exiting: list[threading.Thread] = []  # stopped workers, for `settle` to join
+        self.interrupts = 0  # arrivals and cancellations so far: a running block ends early
+        self._seq = itertools.count()
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.shared and len(self.jobs) >= self.engine.max_requests:
+                raise Busy(
+                    f"the decoder is busy: {len(self.jobs)} requests are running or waiting, "
+                    f"the most it takes at once; try again shortly"
+                )
+            job.scheduler = self
+            job.seq = next(self._seq)
+            if job.arrival is None:
+                job.arrival = time.monotonic()
+            if not job.pending:
+                job.finished = True
+                job.done.set()
+                return
+            self.jobs.append(job)
+            self.interrupts += 1
+            self._start_workers()
+
+    def cancel(self, job: Job) -> None:
+        signal: list[Job] = []
+        with self.lock:
+            if job.finished:
+                return
+            job.live.cancelled = True
+            job.pending.clear()
+            self.interrupts += 1
+            if job.rows == 0:
+                self._finish(job, signal)
+            self._signal(signal)
+
+    def settle(self, job: Job) -> None:
+        """Wait until ``job`` holds no row, then for the workers that stopped meanwhile (a
+        caller may exit the process next; a worker inside onnxruntime then aborts it)."""
+        job.done.wait()
+        me = threading.current_thread()
+        with self.lock:
+            self.exiting = [t for t in self.exiting if t.is_alive()]
+            stopping = [t for t in self.exiting if t is not me]
+        for t in stopping:
+            t.join()
+
+    def _finish(self, job: Job, signal: list[Job]) -> None:
+        job.finished = True
+        self.jobs.remove(job)
+        signal.append(job)
+
+    def _fail(self, job: Job, error: BaseException, signal: list[Job]) -> None:
+        """``job`` cannot go on: its error is raised to its caller, its rows are freed."""
+        if job.error is None:
+            job.error = error
+        job.live.cancelled = True
+        job.pending.clear()
+        self.interrupts += 1
+        if job.rows == 0 and not job.finished:
+            self._finish(job, signal)
+
+    @staticmethod
+    def _signal(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.done.set()
+            with job.live.lock:
+                job.live.lock.notify_all()
+
+    def _start_workers(self) -> None:
+        """Start the stopped workers that the rows busy and admissible call for."""
+        demand = sum(self.busy) + sum(job.room for job in self.jobs)
+        if demand == 0:
+            return
+        for w in range(self.engine.workers_for(demand)):
+            if self.threads[w] is None:
+                thread = threading.Thread(
+                    target=self._work, args=(w,), name=f"vqwavenet-worker{w}", daemon=True
+                )
+                self.threads[w] = thread
+                thread.start()
+
+    def _admit(self, w: int, mine: int) -> list[tuple[Job, int]]:
+        """Queued streams worker ``w`` (holding ``mine`` rows) starts now, and their jobs."""
+        jobs = [job for job in self.jobs if job.room > 0]
+        if not jobs:
+            return []
+        demand = sum(self.busy) - self.busy[w] + mine + sum(job.room for job in jobs)
+        workers = self.engine.workers_for(demand)
+        if w >= workers:
+            return []
+        share = min(self.engine.max_rows, -(-demand // workers))
+        picks = []
+        while len(picks) < share - mine and jobs:
+            job = min(jobs, key=lambda j: (j.deadline(j.pending[0]), j.seq))
+            picks.append((job, job.pending.popleft()))
+            job.rows += 1
+            if job.room == 0:
+                jobs.remove(job)
+        return picks
+
+    def _boundary(self, tracks: list[Track | None], s: int, ran: int, signal: list[Job]) -> None:
+        """After a block of ``ran`` steps that ended at step ``s``: publish every row's
+        progress, record the streams that ended and free their rows and those of cancelled
+        jobs (under the lock)."""
+        ctx = self.engine.context
+        rows: dict[Job, list[tuple[int, Track]]] = {}
+        for r, t in enumerate(tracks):
+            if t is not None:
+                rows.setdefault(t.job, []).append((r, t))
+        for job, held in rows.items():
+            live = job.live
             with live.lock:
-                for row in ending:
-                    i = rows.sid[row]
-                    live.results[i] = rows.out[row, : streams[i].length].copy()
-                    live.partial[i] = None
-                load(ending, s)
-                if left == 0 and 0 < (rows.sid >= 0).sum() <= batch.m // 2:
-                    keep = np.flatnonzero(rows.sid >= 0)  # idle rows would still compute
-                    batch.keep(keep)
-                    rows.keep(keep)
-                for row in np.flatnonzero(rows.sid >= 0):  # produced: 0 until warm
-                    produced = max(0, s - rows.start[row] - ctx)
-                    live.partial[rows.sid[row]] = (rows.out[row], produced)
+                for r, t in held:
+                    live.done[0] += ran + t.credit
+                    t.credit = 0
+                    if t.start + t.n <= s:  # its last step ran
+                        live.results[t.index] = t.out
+                        live.partial[t.index] = None
+                        job.left -= 1
+                    elif not live.cancelled:
+                        live.partial[t.index] = (t.out, max(0, s - t.start - ctx))
+                        continue
+                    tracks[r] = None
+                    job.rows -= 1
+                live.lock.notify_all()
+        for job in list(self.jobs):
+            if job.rows == 0 and (job.left == 0 or job.live.cancelled):
+                self._finish(job, signal)
 
-    def _block(self, batch, rows, cond, s, k, busy, live) -> int:
-        """Steps ``s .. s + k - 1`` of `_step_loop`, in which no row ends before the last:
-        every row's inputs for them (noise, teacher-forced classes, conditioning changes) are
-        gathered up front and its outputs scattered after, so a step costs onnxruntime's call
-        and a few copies rather than per-step bookkeeping. Returns the steps run (fewer once
-        the call is cancelled)."""
-        ctx, m, n_layers = self.context, batch.m, self.n_layers
-        every = np.arange(m)[:, None]
-        local = np.where(busy, s - rows.start, 0)[:, None] + np.arange(k)  # [m, k]
-        local[~busy] = 0  # idle rows read their first (unused) inputs
-        gen = busy[:, None] & (local >= ctx)  # rows whose output at that step is a sample
-        noise = rows.noise[every, local].T.copy()  # [k, m]: one contiguous row per step
-        ci = rows.cidx[every, local]
-        change = busy[:, None] & (ci != np.concatenate([rows.crow[:, None], ci[:, :-1]], 1))
+    # --- a worker -------------------------------------------------------------------------------
+
+    def _work(self, w: int) -> None:
+        """Worker ``w``'s loop (see the class doc); it runs on step session ``w``."""
+        batch: StepBatch | None = None
+        tracks: list[Track | None] = []
+        crow = np.zeros(0, dtype=np.int64)  # the conditioning row each row's `cond` holds
+        picks: list[tuple[Job, int]] = []
+        s = ran = 0
+        try:
+            while True:
+                signal: list[Job] = []
+                with self.lock:
+                    self._boundary(tracks, s, ran, signal)
+                    mine = sum(t is not None for t in tracks)
+                    picks = self._admit(w, mine)
+                    if mine + len(picks) == 0:
+                        if batch is not None:
+                            self.engine._give_batch(batch)
+                        self._stop(w)
+                        self._signal(signal)
+                        return
+                    self.busy[w] = mine + len(picks)
+                    self._start_workers()
+                    drain = not any(job.room for job in self.jobs)  # nothing waits for a row
+                    seen = self.interrupts
+                    self._signal(signal)
+                batch, tracks, crow = self._place(w, batch, tracks, crow, picks, s, drain)
+                busy = [r for r, t in enumerate(tracks) if t is not None]
+                ran = 0
+                if busy:  # blocks end after steps divisible by BLOCK, or where a row ends
+                    end = min(tracks[r].start + tracks[r].n for r in busy) - 1
+                    mark = -(-s // BLOCK) * BLOCK
+                    ran = self._block(batch, tracks, busy, crow, s, min(end, mark) - s + 1, seen)
+                    s += ran
+        except BaseException as e:  # the engine failed: so do the jobs in this batch
+            signal = []
+            with self.lock:
+                held = [t.job for t in tracks if t is not None] + [job for job, _ in picks]
+                for job in held:
+                    job.rows -= 1
+                for job in dict.fromkeys(held):
+                    self._fail(job, e, signal)
+                self._stop(w)
+                self._start_workers()  # for the others still queued
+                self._signal(signal)
+
+    def _stop(self, w: int) -> None:
+        self.threads[w] = None
+        self.busy[w] = 0
+        self.exiting.append(threading.current_thread())
+
+    def _place(self, w, batch, tracks, crow, picks, s, drain):
+        """Load ``picks`` (taken from the list as they are placed) into idle rows from step
+        ``s``, with more rows (and a larger batch) where they do not fit; ``drain``: nothing
+        waits for a row, so a batch with at most half its rows busy drops its idle ones.
+        Returns the batch, its rows' tracks and their conditioning rows."""
+        engine = self.engine
+        zero, ctx = engine.zero_class, engine.context
+        held = sum(t is not None for t in tracks)
+        need = held + len(picks)
+        m = 0 if batch is None else batch.m
+        if need > m:
+            rows = min(row_count(need), max(need, engine.max_rows))
+            if batch is None:
+                batch = engine._take_batch(rows, self.logits, w)
+                batch.clear(need, rows, zero)  # rows no stream loads
+            else:
+                if rows > batch.capacity:  # move the rows to a batch with room
+                    larger = engine._take_batch(rows, self.logits, w)
+                    larger.copy_rows(batch)
+                    engine._give_batch(batch)
+                    batch = larger
+                batch.clear(m, rows, zero)
+                batch.resize(rows)
+            tracks = tracks + [None] * (rows - len(tracks))
+            crow = np.concatenate([crow, np.full(rows - len(crow), -1, dtype=np.int64)])
+        steady: list[tuple[int, Track]] = []
+        for r in range(batch.m):
+            if not picks:
+                break
+            if tracks[r] is not None:
+                continue
+            job, i = picks.pop(0)
+            try:
+                t = self._load(batch, crow, job, i, r, s)
+            except Exception as e:  # this request's start failed: only it fails
+                self._drop(job, e)
+                continue
+            tracks[r] = t
+            if t.start == s and job.streams[i].steady:
+                steady.append((r, t))
+        if steady:  # fill their rings with each layer's input after endless silence
+            try:
+                cond_rows = np.stack([t.job.cond[t.cidx[ctx]] for _, t in steady])
+                x = engine.steady(cond_rows, zero)
+            except Exception as e:
+                for r, t in steady:
+                    tracks[r] = None
+                    self._drop(t.job, e)
+            else:
+                rows = [r for r, _ in steady]
+                for i, (offset, size) in enumerate(engine.writes):
+                    batch.store[offset : offset + size, rows] = x[:, i]
+                for _, t in steady:
+                    t.start, t.credit = s - ctx, ctx
+        busy = [r for r, t in enumerate(tracks) if t is not None]
+        if drain and 0 < len(busy) <= batch.m // 2:
+            idle = [r for r, t in enumerate(tracks) if t is None]
+            keep = busy + idle[: row_count(len(busy)) - len(busy)]
+            batch.keep(np.array(keep))
+            tracks = [tracks[r] for r in keep]
+            crow = crow[keep]
+        return batch, tracks, crow
+
+    def _drop(self, job: Job, error: BaseException) -> None:
+        """A stream of ``job`` could not start: free its row and fail the job."""
+        signal: list[Job] = []
+        with self.lock:
+            job.rows -= 1
+            self._fail(job, error, signal)
+            self._signal(signal)
+
+    def _load(self, batch: StepBatch, crow: np.ndarray, job: Job, i: int, r: int, s: int) -> Track:
+        """Stream ``i`` of ``job`` in row ``r`` from step ``s``: its inputs per local step, and
+        its rings where it starts from a state (primed, or the parallel warm-up) rather than
+        stepping through its warm-up (or, steady, from `StepEngine.steady`, which `_place`
+        computes for every such row at once)."""
+        engine, ctx = self.engine, self.engine.context
+        st = job.streams[i]
+        n = ctx + st.length
+        t = Track(job, i, n, s)
+        idx = engine.geometry.cond_index(st.tau0 + np.arange(n)) + st.cond_offset
+        t.cidx = np.clip(idx, st.cond_offset, st.cond_offset + st.cond_count - 1)
+        t.noise = np.random.default_rng(st.seed).random(n, dtype=np.float32)
+        if self.logits:
+            t.prev = np.asarray(st.forced, dtype=np.int64)
+            if st.targets is not None:
+                t.targets = np.asarray(st.targets, dtype=np.int64)
+                t.out = np.zeros(st.length, dtype=np.float32)
+            else:
+                t.out = np.zeros((st.length, engine.q), dtype=np.float32)
+        else:
+            t.out = np.zeros(st.length, dtype=np.int64)
+        crow[r] = -1  # another job's rows: its first step loads its own conditioning
+        batch.prev[r] = engine.zero_class
+        if st.primed is not None:  # `Codec.primed_state`: after the primer's speech
+            state = st.primed[0]
+            batch.prev[r] = st.primed[1]
+        elif st.steady or not engine.parallel_warmup:
+            return t
+        else:  # the warm-up steps, computed in parallel
+            prev = t.prev[:ctx] if self.logits else np.full(ctx, engine.zero_class)
+            state = engine.warm_rings(prev, job.cond, t.cidx[:ctx])
+        offset, lag, size = engine.state_layout
+        batch.store[offset + (s - lag) % size, r] = state
+        t.start, t.credit = s - ctx, ctx
+        return t
+
+    def _block(self, batch, tracks, busy, crow, s, k, seen) -> int:
+        """Steps ``s .. s + k - 1`` of worker rows ``busy``, in which no row ends before the
+        last: every row's inputs for them (noise, teacher-forced classes, conditioning
+        changes) are gathered up front and its outputs scattered after, so a step costs
+        onnxruntime's call and a few copies rather than per-step bookkeeping. Returns the
+        steps run: fewer once a job arrives or is cancelled (``interrupts`` moved past
+        ``seen``), so that the boundary comes at once."""
+        engine = self.engine
+        ctx, m, n_layers = engine.context, batch.m, engine.n_layers
+        live = [tracks[r] for r in busy]
+        cols = np.asarray(busy)
+        l0 = np.array([s - t.start for t in live])  # each row's local step at ``s``
+        noise = np.zeros((k, m), dtype=np.float32)  # [k, m]: one contiguous row per step
+        noise[:, cols] = np.stack([t.noise[a : a + k] for t, a in zip(live, l0)], 1)
+        ci = np.stack([t.cidx[a : a + k] for t, a in zip(live, l0)])  # [busy, k]
+        change = ci != np.concatenate([crow[cols][:, None], ci[:, :-1]], 1)
         changes = {j: np.flatnonzero(change[:, j]) for j in np.flatnonzero(change.any(0))}
-        rows.crow[busy] = ci[busy, -1]
-        forced, nll = batch.logits is not None, rows.targets is not None
+        forced = batch.logits is not None
+        nll = forced and live[0].targets is not None
         if forced:
-            prev = rows.prev[every, local].T.copy()
+            prev = np.zeros((k, m), dtype=np.int64)
+            prev[:, cols] = np.stack([t.prev[a : a + k] for t, a in zip(live, l0)], 1)
         if nll:
-            targets = rows.targets[every, np.maximum(local - ctx, 0)].T.copy()
+            targets = np.zeros((k, m), dtype=np.int64)
+            for c, t, a in zip(cols, live, l0):
+                targets[:, c] = t.targets[np.maximum(a + np.arange(k) - ctx, 0)]
         if not forced:  # draws feed back to generating rows only: warm-up rows keep silence,
-            feed = gen.T.copy()  # idle ones their last input (int8 scales span every row)
-        out = np.zeros((k, m, self.q) if forced and not nll else (k, m), dtype=rows.out.dtype)
+            feed = np.zeros((k, m), dtype=bool)  # idle ones their last input
+            feed[:, cols] = l0[None, :] + np.arange(k)[:, None] >= ctx
+        shape = (k, m, engine.q) if forced and not nll else (k, m)
+        out = np.zeros(shape, dtype=live[0].out.dtype)
         noise_in, prev_in, drawn = batch.noise[:m], batch.prev[:m], batch.sample[:m]
+        every = np.arange(m)
+        ran = k
         for j in range(k):
-            if live.cancelled:
-                return j
+            if self.interrupts != seen:
+                ran = j
+                break
             changed = changes.get(j)
-            if changed is not None:  # once per hop per row
-                rows_cond = cond[ci[changed, j]].reshape(len(changed), n_layers, -1)
-                batch.cond[:, changed] = rows_cond.transpose(1, 0, 2)
+            if changed is not None:  # once per hop per row, from the row's own request
+                for p in changed:
+                    row = live[p].job.cond[ci[p, j]]
+                    batch.cond[:, busy[p]] = row.reshape(n_layers, -1)
             noise_in[:] = noise[j]
             if forced:
                 prev_in[:] = prev[j]
@@ -553,18 +885,16 @@ class StepEngine:
                 x = batch.logits[:m]
                 mx = x.max(1, keepdims=True)
                 lse = np.log(np.exp(x - mx).sum(1)) + mx[:, 0]
-                out[j] = lse - x[every[:, 0], targets[j]]
+                out[j] = lse - x[every, targets[j]]
             elif forced:
                 out[j] = batch.logits[:m]
             else:
                 out[j] = drawn
                 np.copyto(prev_in, drawn, where=feed[j])
-        r, j = np.nonzero(gen)
-        rows.out[r, local[r, j] - ctx] = out[j, r]
-        return k
-
-    def warm_rings(self, prev: np.ndarray, cond: np.ndarray, at: np.ndarray) -> np.ndarray:
-        """The rings after ``context`` steps fed the classes ``prev`` under the conditioning
-        rows ``cond[at]``, computed in parallel (one `decoder_warmup.onnx` call)."""
-        feeds = {"prev": prev[None], "cond": cond[at[0] : at[-1] + 1][None]}
-        return self.warm.run(None, {**feeds, "index": (at - at[0])[None]})[0][0]
+        if ran:
+            crow[cols] = ci[:, ran - 1]
+        for c, t, a in zip(cols, live, l0):
+            j0 = max(0, ctx - a)  # its first step of the block that outputs a sample
+            if j0 < ran:
+                t.out[a + j0 - ctx : a + ran - ctx] = out[j0:ran, c]
+        return ran
