@@ -3,7 +3,8 @@
     python -m app [--model vqwavenet/models/bundled] [--host 127.0.0.1] [--port 7860]
 
 Runs on the onnxruntime engine (no torch). Requests wait in a queue and at most
-``--concurrency`` run the model at once (all endpoints together); uploads over
+``--concurrency`` run the model at once (all endpoints together; by default as many as the
+decoder's scheduler takes, whose step batches concurrent decodes share); uploads over
 ``--max-file-size`` are refused by the server and audio over ``--max-seconds`` by the app, with
 a message, while the server goes on serving.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from app.scratch import private_gradio_cache
 from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, ModelLoadError
+from vqwavenet.steps import StepEngine
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8", action="store_true", help="decode with the int8 graphs (export --int8): faster"
     )
-    p.add_argument("--concurrency", type=int, default=2, help="requests run at once")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests run at once (default: what the decoder's scheduler takes, "
+        f"{StepEngine.max_requests}); decodes share its step batches",
+    )
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting at most")
     p.add_argument("--share", action="store_true", help="also open a public Gradio link")
     p.add_argument(
@@ -114,7 +122,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         parser.error(f"--max-seconds must be a positive number, got {args.max_seconds}")
-    if args.concurrency < 1 or args.queue_size < 1:
+    if (args.concurrency is not None and args.concurrency < 1) or args.queue_size < 1:
         parser.error("--concurrency and --queue-size must be >= 1")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")

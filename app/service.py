@@ -244,12 +244,15 @@ class CodecService:
         progress: Progress | None = None,
     ) -> Iterator[np.ndarray]:
         """`decode` in consecutive float32 chunks for a player: the engine's playback schedule
-        (`Codec.decode_stream`), whose first chunk comes after one small batch and whose later
-        ones are generated while the earlier ones play. In fp32 the chunks concatenate to
-        exactly `decode`'s output for the same arguments; int8 samples depend on the batch.
+        (`Codec.decode_stream`), in the step batches the engine shares between all requests;
+        the first chunk comes once a player can start on it and play to the end without a
+        gap, the later ones while the earlier ones play. In fp32 the chunks concatenate to
+        exactly `decode`'s output for the same arguments, whatever runs beside them; int8
+        samples depend on the batch.
 
         The checks run here, at the call, not at the first ``next()``: a refusal is raised
-        before any audio exists (a failure of the engine itself still comes from the iterator).
+        before any audio exists (a failure of the engine itself, or `vqwavenet.Busy` when it
+        holds all the requests it takes, still comes from the iterator).
         """
         req = self.request(cf, speaker, seed)
         return self.codec.decode_stream(

@@ -6,19 +6,24 @@ traceback and reported as an internal error, never as a dead worker. Endpoints (
 ``gradio_client``): ``/encode``, ``/decode``, ``/resynthesize``.
 
 All model work (the three endpoints together) shares one concurrency group, so ``concurrency``
-bounds the model runs at once, not each endpoint's. A decode whose client has gone (nobody
-reads its results, `app.guard`) stops at the engine's next step block instead of using cores
-others wait for. Results and uploads live in private temporary folders (owner-only), removed
-when the process ends, including on SIGTERM (`app.__main__`).
+bounds the model runs at once, not each endpoint's. Decodes run in the engine's shared step
+batches (one scheduler per codec, `vqwavenet.steps.Scheduler`), so concurrent decodes share
+steps instead of competing for the cores; the group's limit is what that scheduler holds at
+once (`Codec.max_requests`), and requests beyond it wait in Gradio's queue. A decode whose
+client has gone (nobody reads its results, `app.guard`) frees its rows at the engine's next
+step block instead of using cores others wait for. Results and uploads live in private
+temporary folders (owner-only), removed when the process ends, including on SIGTERM
+(`app.__main__`).
 
-Decoding streams: the Decode and Resynthesise tabs' players start on the first wave of
-segments the engine has final (`CodecService.decode_stream`; later waves are generated while it
-plays) while a progress bar runs, and the complete 16-bit wav is offered as a file at the end.
-Gradio streams audio output as AAC through ffmpeg, so the players stream only where ffmpeg is
-on PATH; without it they get the whole wav at the end. Either way ``/decode`` returns (player,
-wav file) and ``/resynthesize`` (original, player, original spectrogram, spectrogram, wav
-file): the wav holds exactly the engine's samples, and the player's last value is that wav, or
-a no-change update when it was streamed (the stream's chunks come before it).
+Decoding streams: the Decode and Resynthesise tabs' players start on the first audio the
+engine has final, once it can play on to the end without a gap (`CodecService.decode_stream`;
+later chunks are generated while it plays) while a progress bar runs, and the complete
+16-bit wav is offered as a file at the end. Gradio streams audio output as AAC through ffmpeg,
+so the players stream only where ffmpeg is on PATH; without it they get the whole wav at the
+end. Either way ``/decode`` returns (player, wav file) and ``/resynthesize`` (original, player,
+original spectrogram, spectrogram, wav file): the wav holds exactly the engine's samples, and
+the player's last value is that wav, or a no-change update when it was streamed (the stream's
+chunks come before it).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from app.guard import DEFAULT_GRACE_S, Guard, Listeners
 from app.pictures import codes_image, spectrogram_image
 from app.scratch import Scratch, private_gradio_cache
 from app.service import CodecService, InputError, codes_name
+from vqwavenet import Busy
 from vqwavenet.audio import save_wav
 from vqwavenet.safe_text import printable, show_path
 
@@ -133,7 +139,7 @@ def _fail(e: Exception, upload=None):
         return e
     if isinstance(e, Abandoned):
         return gr.Error(safe_message(str(e)), print_exception=False)
-    if isinstance(e, InputError):
+    if isinstance(e, InputError | Busy):
         return gr.Error(safe_message(str(e), upload), print_exception=False)
     log.exception("unexpected failure")
     message = f"internal error ({type(e).__name__}: {e}); the server keeps running"
@@ -177,7 +183,8 @@ def build_demo(
     ``stream``: whether the Decode and Resynthesise tabs stream their audio (default: where
     `can_stream_audio`); ``listeners``: who reads which session's results (`serve` counts
     them; without it every request is wanted to the end); ``concurrency``: model runs at once,
-    all endpoints together (default: the queue's default)."""
+    all endpoints together (default: the queue's default; `serve` passes what the decoder's
+    scheduler holds)."""
     private_gradio_cache()
     scratch = scratch or Scratch()
     listeners = listeners or Listeners()
@@ -386,7 +393,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int | None = 7860,
-    concurrency: int = 2,
+    concurrency: int | None = None,
     queue_size: int = 64,
     max_file_size: str | int | None = "50mb",
     block: bool = True,
@@ -397,10 +404,16 @@ def serve(
 ) -> gr.Blocks:
     """Build, queue and launch the app; ``block=False`` returns once it is serving (tests).
 
-    ``port=None`` lets Gradio pick a free port (``demo.local_url`` says which); ``stream``: see
+    ``concurrency``: model runs at once, all endpoints together; the decoder's scheduler takes
+    as many requests at once (`Codec.max_requests`; default: what it takes already), so a
+    request Gradio starts is never refused as busy. ``port=None`` lets Gradio pick a free port
+    (``demo.local_url`` says which); ``stream``: see
     `build_demo`; ``auth``: (user, password) pairs for Gradio's login (none: open to whoever
     reaches the port); ``listen_grace``: seconds a decode runs on with nobody reading it."""
     listeners = Listeners(grace=listen_grace)
+    if concurrency is None:
+        concurrency = service.codec.max_requests
+    service.codec.max_requests = concurrency
     demo = build_demo(service, stream=stream, listeners=listeners, concurrency=concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     limit = _parse_size(max_file_size)
