@@ -92,3 +92,30 @@ def test_a_shorter_receptive_field_keeps_the_first_layers_of_each_cycle(app_mode
     assert torch.equal(short.encoder.proj.weight, model.encoder.proj.weight)
     with pytest.raises(warm_start.WarmStartError, match="dilation-depth"):
         warm_start.truncate_layers(model, dec.dilation_depth + 1)
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_weights(data, tmp_path):
+    from training import average
+
+    cfg = tiny_train_config(tmp_path / "t.toml", checkpoint_every=1)
+    out = tmp_path / "run"
+    run = ["--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert train_mod.main([*run, "--steps", "2"]) == 0
+    paths = [ckpt_io.checkpoint_path(out, s) for s in (1, 2)]
+    states = [ckpt_io.load(p) for p in paths]
+    avg_path = tmp_path / "avg.pt"
+    assert average.main([*map(str, paths), "--out", str(avg_path)]) == 0
+    avg = torch.load(avg_path, weights_only=False)
+    assert avg["averaged_steps"] == [1, 2] and avg["step"] == 2
+    for name, value in avg["model"].items():
+        a, b = (s["model"][name] for s in states)
+        if value.is_floating_point():
+            assert torch.allclose(value, (a.double() + b.double()).div(2).to(a.dtype)), name
+        else:
+            assert torch.equal(value, b), name
+    w = "decoder.head.3.weight"
+    assert not torch.equal(states[0]["model"][w], states[1]["model"][w])  # a real average
+    # A checkpoint of another model is refused.
+    other = dict(states[0], model_config={**states[0]["model_config"], "x": 1})
+    torch.save(other, tmp_path / "other.pt")
+    assert average.main([str(paths[0]), str(tmp_path / "other.pt"), "--out", str(avg_path)]) == 2
