@@ -50,7 +50,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="largest upload, e.g. 50mb (a minute of 48 kHz stereo float is 23 MB)",
     )
     p.add_argument(
-        "--int8", action="store_true", help="decode with the int8 graphs (export --int8): faster"
+        "--int8",
+        action="store_true",
+        help="decode with the int8 graphs (export --int8): faster in large batches",
     )
     p.add_argument(
         "--concurrency",

@@ -87,7 +87,9 @@ def get_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument(
-        "--int8", action="store_true", help="decode with the int8 graphs (export --int8): faster"
+        "--int8",
+        action="store_true",
+        help="decode with the int8 graphs (export --int8): faster in large batches",
     )
     voice = argparse.ArgumentParser(add_help=False)
     voice.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")

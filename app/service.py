@@ -54,8 +54,8 @@ class CodecService:
         max_seconds: longest accepted audio, and longest audio a codes file may decode to
             (``None``: no limit, for the CLI; the web app keeps one).
         workers: generation threads of the engine (default: its own choice).
-        int8: decode with the int8 graphs (``python -m export --int8``; faster, slightly
-            less exact).
+        int8: decode with the int8 graphs (``python -m export --int8``; faster in large
+            batches, slightly less exact).
     """
 
     def __init__(
@@ -246,9 +246,9 @@ class CodecService:
         """`decode` in consecutive float32 chunks for a player: the engine's playback schedule
         (`Codec.decode_stream`), in the step batches the engine shares between all requests;
         the first chunk comes once a player can start on it and play to the end without a
-        gap, the later ones while the earlier ones play. In fp32 the chunks concatenate to
-        exactly `decode`'s output for the same arguments, whatever runs beside them; int8
-        samples depend on the batch.
+        gap, the later ones while the earlier ones play. The chunks concatenate to exactly
+        `decode`'s output for the same arguments, whatever runs beside them (in int8 with a
+        model whose int8 step scales activations per row, `Codec.rows_independent`).
 
         The checks run here, at the call, not at the first ``next()``: a refusal is raised
         before any audio exists (a failure of the engine itself, or `vqwavenet.Busy` when it

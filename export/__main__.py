@@ -1,10 +1,14 @@
 """Export a checkpoint to ONNX and verify it against PyTorch.
 
     python -m export --checkpoint runs/small/last.pt --out exported/small [--int8]
+    python -m export --requantize-int8 exported/small     # an older export's int8 step
 
 With ``--int8`` the teacher-forced cross-entropy of the fp32 and int8 decoder steps on held-out
 clips (``--eval-wav``, default the test clips) is printed. The primer that folded segments
 start from (`vqwavenet.primer`) is cut from ``--primer-wav``, by default the first held-out clip.
+``--requantize-int8 DIR`` gives an export made before the int8 step's activation scales were per
+row one that has them (from its own int8 weights; nothing else changes, not the model id), and
+measures its cost again.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ CLIPS = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint", help="a training checkpoint (.pt)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument(
+        "--requantize-int8",
+        metavar="DIR",
+        help="instead: quantise the int8 step of the export in DIR per row (no checkpoint)",
+    )
     p.add_argument(
         "--int8",
         action="store_true",
@@ -63,8 +72,36 @@ def _load_waves(paths: list[str], sample_rate: int):
     return waves
 
 
+def requantize(args) -> int:
+    from export.onnx_export import requantize_int8
+    from vqwavenet.model_dir import ModelDirError, read_meta
+
+    folder = Path(args.requantize_int8)
+    paths = args.eval_wav or sorted(str(p) for p in CLIPS.glob("*.wav"))
+    try:
+        rate = int(read_meta(folder)["sample_rate"])
+        meta = requantize_int8(folder, _load_waves(paths, rate) if paths else None)
+    except (ModelDirError, ValueError, OSError) as e:
+        return fatal(str(e))
+    print(f"{folder}: int8 step with per-row activation scales (model id {meta['model_id']})")
+    if "int8_quality" in meta:
+        q = meta["int8_quality"]
+        print(
+            f"int8 quality: teacher-forced CE fp32 {q['ce_fp32']:.4f}, int8 {q['ce_int8']:.4f} "
+            f"nats/sample (+{q['ce_increase']:.4f}) on {q['clips']} clips, {q['samples']} samples"
+        )
+    return 0
+
+
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.requantize_int8:
+        if args.checkpoint or args.out:
+            parser.error("--requantize-int8 takes no --checkpoint or --out")
+        return requantize(args)
+    if not (args.checkpoint and args.out):
+        parser.error("--checkpoint and --out are required (or --requantize-int8 DIR)")
     out = Path(args.out)
     if not Path(args.checkpoint).is_file():
         return fatal(f"no checkpoint {args.checkpoint}")

@@ -16,8 +16,9 @@ Graphs (dynamic batch and length axes, exported with a batch of 2):
   (`DecoderStep.warm`); the runtime starts each folded segment with it.
 * ``decoder_step.int8.onnx``, ``decoder_warmup.int8.onnx`` with ``--int8``: dynamically
   quantised weights (the step from its unfused form: onnxruntime quantises ``MatMul``, not
-  ``Gemm``; the output head stays fp32); the export prints its teacher-forced cross-entropy
-  against fp32 on held-out clips.
+  ``Gemm``; the output head stays fp32), the step's activations quantised with one scale per
+  row (`per_row_activations`), so a row's samples do not depend on the rows beside it; the
+  export prints its teacher-forced cross-entropy against fp32 on held-out clips.
 
 ``model.json`` holds the resolved model config, the geometry's layer specs (the engine rebuilds
 `CodecGeometry` from them), sample rate, hop, K, speakers, the sha256 of every file and a model
@@ -256,16 +257,23 @@ def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
 
 # Weights of the output head's two products (`DecoderStep`), which int8 leaves in fp32.
 HEAD_WEIGHTS = ("head1_w", "head2_w")
+# ``model.json``'s "int8_activations" for an int8 step quantised by `per_row_activations`.
+PER_ROW = "per_row"
 
 
-def quantize_int8(model: Autoencoder, step: DecoderStep, out: Path) -> None:
-    """Dynamically quantised (int8 weights, per-call activation scales) copies of the step and
-    the warm-up, which run faster. The step is quantised from its unfused form.
+def quantize_int8(
+    model: Autoencoder, step: DecoderStep, out: Path, *, per_row: bool = True
+) -> None:
+    """Dynamically quantised (int8 weights, activation scales computed as it runs) copies of
+    the step and the warm-up, which run faster. The step is quantised from its unfused form,
+    with one activation scale per row (`per_row_activations`; ``per_row=False``: one per call,
+    over all rows, as onnxruntime's dynamic quantisation does, for comparisons). The warm-up
+    runs one stream per call, so its per-call scales never mix streams.
 
-    The output head stays fp32: its inputs are quantised with one scale per call, and its
-    products turn them straight into logits, so quantising it cost far more cross-entropy than
-    all the other layers together, for a small share of the step's multiply-adds (the export
-    prints the int8 cost; ``benchmarks/README.md`` has the history)."""
+    The output head stays fp32: its products turn their inputs straight into logits, so
+    quantising it cost far more cross-entropy than all the other layers together, for a small
+    share of the step's multiply-adds (the export prints the int8 cost;
+    ``benchmarks/README.md`` has the history)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,6 +293,167 @@ def quantize_int8(model: Autoencoder, step: DecoderStep, out: Path) -> None:
             left = sorted(n.name for n in _graph(out / int8).node if n.op_type == "MatMul")
             if left != sorted(keep[fp32]):  # a weight the exporter did not make a constant
                 raise RuntimeError(f"{int8}: products left in fp32 {left}, not {keep[fp32]}")
+    if per_row:
+        import onnx
+
+        path = out / INT8_FILES[STEP_FILE]
+        onnx.save(per_row_activations(onnx.load(str(path))), str(path))
+
+
+def per_row_activations(graph_model):
+    """``graph_model`` (an onnxruntime-quantised ``onnx.ModelProto``, changed in place and
+    returned) with no activation scale shared between rows, so that a row's outputs never
+    depend on the other rows of the call.
+
+    onnxruntime's ``DynamicQuantizeLinear`` takes one scale and zero point over a product's
+    whole input, all rows together. Each is replaced, with the fixed zero point 128 on unsigned
+    activations (symmetric: ``MatMulInteger``, whose fast path takes unsigned activations and
+    one zero point, then multiplies ``round(x / s)`` by the int8 weights exactly):
+
+    - an input bounded by 1 by construction (a product of ``tanh`` and ``sigmoid``, the gated
+      units, and concatenations of them): the fixed scale ``1 / 127``, one ``QuantizeLinear``
+      (what a per-call scale over such rows comes to, at no cost per step);
+    - any other input (the residual stream): per row, the row's largest magnitude over 127 as
+      its scale (``ReduceMax`` of ``Abs``, a tiny floor for a row of zeros), ``QuantizeLinear``
+      along the rows; the product is rescaled by the weight's scale, then by the row's scale
+      as a column.
+
+    Returns the graph; ``graph_model.graph.doc_string`` notes the rewrite."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = graph_model.graph
+    if "per-row activation scales" in g.doc_string:
+        raise ValueError("the graph's activation scales are per row already")
+    producer = {o: node for node in g.node for o in node.output}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def bounded(name: str) -> bool:
+        """Whether tensor ``name`` lies in [-1, 1] by construction."""
+        node = producer.get(name)
+        if node is None:
+            return False
+        if node.op_type in ("Tanh", "Sigmoid"):
+            return True
+        if node.op_type in ("Mul", "Concat"):
+            return all(bounded(i) for i in node.input)
+        if node.op_type in ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Transpose"):
+            return bounded(node.input[0])
+        return False
+
+    prefix = "per_row."
+    constants = [
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}axis"),
+        numpy_helper.from_array(np.array(1e-30, np.float32), f"{prefix}tiny"),
+        numpy_helper.from_array(np.array([128], np.uint8), f"{prefix}zero"),
+    ]
+    step = np.array(1 / 127, np.float32)
+    constants.append(numpy_helper.from_array(step, f"{prefix}step"))
+    nodes, dropped, after = [], set(), {}  # after: a node's name -> the node to follow it
+    rewritten = 0
+    for node in g.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        (x,), (quantised, scale, zero_point), p = node.input, node.output, node.name
+        # Every product's zero point: the fixed 128, a scalar as MatMulInteger needs.
+        constants.append(numpy_helper.from_array(np.array(128, np.uint8), zero_point))
+        rewritten += 1
+        if bounded(x):
+            constants.append(numpy_helper.from_array(step, scale))
+            nodes.append(
+                helper.make_node(
+                    "QuantizeLinear", [x, scale, zero_point], [quantised], name=f"{p}/Quantize"
+                )
+            )
+            continue
+        nodes += [
+            helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/Abs"),
+            helper.make_node(
+                "ReduceMax",
+                [f"{p}/abs", f"{prefix}axis"],
+                [f"{p}/max"],
+                name=f"{p}/Max",
+                keepdims=0,
+            ),
+            helper.make_node(
+                "Max", [f"{p}/max", f"{prefix}tiny"], [f"{p}/range"], name=f"{p}/Floor"
+            ),
+            helper.make_node("Mul", [f"{p}/range", f"{prefix}step"], [f"{p}/s"], name=f"{p}/Scale"),
+            helper.make_node("Shape", [f"{p}/s"], [f"{p}/rows"], name=f"{p}/Rows"),
+            helper.make_node(
+                "Expand", [f"{prefix}zero", f"{p}/rows"], [f"{p}/z"], name=f"{p}/Zero"
+            ),
+            helper.make_node(
+                "QuantizeLinear", [x, f"{p}/s", f"{p}/z"], [quantised], name=f"{p}/Quantize", axis=0
+            ),
+            helper.make_node(
+                "Unsqueeze", [f"{p}/s", f"{prefix}axis"], [f"{p}/column"], name=f"{p}/Column"
+            ),
+        ]
+        # onnxruntime rescales a product by Mul(Cast(acc), Mul(scale, weight scale)), and its
+        # optimiser fuses that into one operator that takes the activation scale as one value
+        # per call (given a column of them, its outputs are wrong). So the product is rescaled
+        # by the weight's scale there, and by the row's scale after it.
+        (both,) = consumers[scale]
+        weight_scale = next(i for i in both.input if i != scale)
+        for rescale in consumers[both.output[0]]:
+            out = rescale.output[0]
+            rescale.input[list(rescale.input).index(both.output[0])] = weight_scale
+            rescale.output[0] = f"{out}/by_weight"
+            after[rescale.name] = helper.make_node(
+                "Mul", [f"{out}/by_weight", f"{p}/column"], [out], name=f"{p}/ByRow"
+            )
+        dropped.add(id(both))
+    if not rewritten:
+        raise ValueError("no DynamicQuantizeLinear to rewrite: not an onnxruntime-quantised graph")
+    ordered = []
+    for node in nodes:
+        if id(node) not in dropped:
+            ordered.append(node)
+            if node.name in after:
+                ordered.append(after[node.name])
+    del g.node[:]
+    g.node.extend(ordered)
+    g.initializer.extend(constants)
+    g.doc_string = (g.doc_string + "\n" if g.doc_string else "") + (
+        "int8 with per-row activation scales (export.onnx_export.per_row_activations)"
+    )
+    onnx.checker.check_model(graph_model)
+    return graph_model
+
+
+def requantize_int8(model_dir: str | Path, waves: list[np.ndarray] | None = None, samples=8000):
+    """Give an export made before per-row activation scales an int8 step that has them, from
+    its own quantised weights, and nothing else: the fp32 graphs, the warm-up, the primer and
+    the model id stay (the codes it made keep their meaning). ``model.json`` gets the new
+    file's hash, "int8_activations" and, with ``waves``, the int8 cost measured again. Returns
+    the new ``model.json``."""
+    import onnx
+
+    from vqwavenet.model_dir import read_meta, write_meta
+
+    out = Path(model_dir)
+    meta = read_meta(out)
+    name = INT8_FILES[STEP_FILE]
+    if name not in meta["files"]:
+        raise ValueError(f"{out}: no {name} (export with --int8)")
+    if meta.get("int8_activations") == PER_ROW:
+        raise ValueError(f"{out}: its int8 step quantises activations per row already")
+    graph = per_row_activations(onnx.load(str(out / name)))
+    tmp = out / (name + ".tmp")
+    onnx.save(graph, str(tmp))
+    tmp.replace(out / name)
+    meta["files"][name] = sha256(out / name)
+    meta["int8_activations"] = PER_ROW
+    write_meta(out, meta)
+    if waves:
+        meta["int8_quality"] = int8_quality(out, waves, samples)
+        write_meta(out, meta)
+    return meta
 
 
 def _graph(path: Path):
@@ -428,10 +597,13 @@ def export_model(
     quality_waves: list[np.ndarray] | None = None,
     quality_samples: int = 8000,
     notice: str | None = None,
+    per_row: bool = True,
 ) -> dict:
     """Export, verify and describe a model; returns the ``model.json`` contents.
 
-    ``notice``: a caveat for users (e.g. how briefly the model was trained), shown by the app.
+    ``notice``: a caveat for users (e.g. how briefly the model was trained), shown by the app;
+    ``per_row``: the int8 step's activation scales per row (``False``: per call, whose samples
+    depend on the batch; for comparisons).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -440,7 +612,8 @@ def export_model(
     errors = verify(model, step, out)
     extra = {"verification": errors, **({"notice": notice} if notice else {})}
     if int8:
-        quantize_int8(model, step, out)
+        quantize_int8(model, step, out, per_row=per_row)
+        extra["int8_activations"] = PER_ROW if per_row else "per_call"
     else:
         for name in INT8_FILES.values():
             (out / name).unlink(missing_ok=True)

@@ -25,10 +25,10 @@ short that joins dominate. `Codec.decode_stream` yields the audio as it becomes 
 Every decoding call of a codec, from any thread, goes through one scheduler
 (`vqwavenet.steps.Scheduler`): concurrent calls share step batches, each call's segments
 joining the running batches at the next step block and leaving when finished. Sampling noise
-comes from ``numpy.random.default_rng([seed, segment])`` per stream, and in fp32 a row's
-samples do not depend on the rows beside it, so a call is reproducible for a seed whatever runs
-beside it (int8 scales each product's input over all rows of a step, so there the batch
-changes the samples).
+comes from ``numpy.random.default_rng([seed, segment])`` per stream, and a row's samples do not
+depend on the rows beside it (fp32; int8 where the model's int8 step scales activations per
+row, as exports do, `Codec.rows_independent`), so a call is reproducible for a seed whatever
+runs beside it.
 
 Only ``model.geometry`` (pure numpy) is imported from the model package, to rebuild the codec's
 geometry from the layer specs in ``model.json``.
@@ -208,6 +208,16 @@ class Codec:
     @max_rows.setter
     def max_rows(self, rows: int) -> None:
         self.engine.max_rows = rows
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a stream's samples never depend on the streams beside it in a batch, so a
+        request decodes to the same samples whatever runs beside it: always in fp32; in int8
+        where the model's int8 step scales each row's activations on their own
+        (``model.json``'s "int8_activations": "per_row", what ``python -m export --int8``
+        writes; an older export's int8 step scales them over all rows of a step, ``python -m
+        export --requantize-int8 DIR`` rewrites it)."""
+        return not self.int8 or self.meta.get("int8_activations") == "per_row"
 
     @property
     def max_requests(self) -> int:
@@ -486,8 +496,8 @@ class Codec:
         The final prefix is checked whenever the workers publish progress, at least every
         ``interval`` seconds (when ``progress`` is called). Either way the chunks are
         reproducible for a seed and concatenate to `decode`'s samples for the same
-        ``segment``: in fp32 a row's samples do not depend on the rows beside it (int8 scales
-        each product's input over all rows of a step, so its samples depend on the batch).
+        ``segment``: a row's samples do not depend on the rows beside it (where
+        `rows_independent`: fp32, and int8 with per-row activation scales).
         Closing the generator (a listener gone) frees the request's rows at the workers' next
         step and returns once they are free. Raises `vqwavenet.steps.Busy` (at the first
         ``next()``) when the engine already holds `max_requests` requests.
