@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from vqwavenet import Codec, DecodeRequest, steps
+from vqwavenet import Codec, DecodeRequest, folding, steps
 from vqwavenet import codec as codec_module
 from vqwavenet.steps import Busy, Job, Scheduler
 
@@ -88,24 +88,31 @@ def test_a_request_decodes_alike_alone_and_beside_others(codec, monkeypatch):
     assert no_worker_left()
 
 
-def test_playback_stream_yields_its_own_audio_in_order(codec):
+def test_playback_stream_yields_its_own_audio_in_order(codec, monkeypatch):
     """A playback stream of more segments than it may run at once (`Codec.playback_rows`)
     yields several chunks, in order, that concatenate to `decode` with the same segments, with
-    a progress that only grows; a stream beside it does the same with its own audio."""
+    a progress that only grows, and after the first chunk at most one per ``interval``; a
+    stream beside it does the same with its own audio."""
     codec.playback_rows = 3
     (a, n), (b, m) = random_codes(codec, 1.5, 1), random_codes(codec, 1.1, 2)
     want_a = codec.decode(a, 1, 4, n_samples=n, segment=codec.min_segment)
     want_b = codec.decode(b, 2, 6, n_samples=m, segment=codec.min_segment)
+    step = steps.StepBatch.run  # steps as slow as a real model's: the chunks come over time
+    monkeypatch.setattr(steps.StepBatch, "run", lambda b, s: (time.sleep(1e-4), step(b, s)))
     seen: list[int] = []
     first = codec.decode_stream(a, 1, 4, lambda d, t: seen.append(d), n_samples=n, interval=0.01)
-    second = codec.decode_stream(b, 2, 6, n_samples=m)
+    second = codec.decode_stream(b, 2, 6, n_samples=m, interval=0.1)
     chunks_a, chunks_b = [next(first)], [next(second)]
+    times = [time.monotonic()]
     chunks_a += list(first)
-    chunks_b += list(second)
+    for chunk in second:
+        chunks_b.append(chunk)
+        times.append(time.monotonic())
     assert len(chunks_a) >= 3 and len(chunks_b) >= 2
     np.testing.assert_array_equal(np.concatenate(chunks_a), want_a)
     np.testing.assert_array_equal(np.concatenate(chunks_b), want_b)
     assert seen == sorted(seen) and seen[-1] > 0
+    assert min(np.diff(times[:-1]), default=1) >= 0.1 - 1e-3  # the last may come at once
 
 
 def plan_job(codec: Codec, seconds: float, seed: int, segment: int):
@@ -307,3 +314,40 @@ def test_first_chunk_waits_for_a_start_that_never_stalls(codec, monkeypatch):
             assert start == arrivals[0][0]
         else:  # the control: the first lump is too early
             assert stalls(arrivals, arrivals[0][0])
+
+
+def first_unfinished_only(fold, produced):
+    """`folding.final_prefix` as it was: the first unfinished segment alone decides."""
+    for k, (a, b) in enumerate(fold.bounds):
+        g = fold.start(k)
+        if produced[k] < b - g:
+            return max(g + produced[k], a - fold.overlap if k > 0 else 0)
+    return fold.n
+
+
+def test_final_prefix_holds_a_tail_until_the_next_segment_has_its_head():
+    """A segment that starts after its predecessor (rows taken as they free up) holds back
+    the predecessor's cross-faded tail until it has generated its own head. Control: the
+    former rule, right only when segments run in step, counts that tail final."""
+    fold = folding.Fold(300, [(0, 100), (100, 200), (200, 300)], overlap=10, burn_in=0, first=0)
+    assert folding.final_prefix(fold, [95, 0, 0]) == 90
+    assert folding.final_prefix(fold, [100, 105, 0]) == 190
+    assert folding.final_prefix(fold, [100, 110, 5]) == 195
+    assert first_unfinished_only(fold, [95, 0, 0]) == 95  # the tail without segment 1's head
+
+
+def test_segments_run_one_after_another_stream_the_decoded_audio(codec, monkeypatch):
+    """One row for a stream's six segments: each starts only when the one before has ended,
+    and the chunks, read while segments are half done (many more chunks than segments), still
+    concatenate to `decode`'s samples. (Under the former rule a tail came out before the next
+    segment's head existed: wrong samples, or a failed cross-fade.)"""
+    codec = Codec(codec.dir, workers=1)
+    codec.max_rows = 1
+    step = steps.StepBatch.run  # slow enough steps that the reader sees tails being made
+    monkeypatch.setattr(steps.StepBatch, "run", lambda b, s: (time.sleep(2e-4), step(b, s)))
+    codes, n = random_codes(codec, 0.75, 3)
+    kwargs = dict(n_samples=n, segment=2000, overlap=400)  # tails of several step blocks
+    want = codec.decode(codes, 1, 2, **kwargs)
+    chunks = list(codec.decode_stream(codes, 1, 2, **kwargs, schedule="batch", interval=0.001))
+    assert len(chunks) > 12
+    np.testing.assert_array_equal(np.concatenate(chunks), want)

@@ -520,11 +520,12 @@ class Codec:
             job.scheduler.settle(job)  # before close() returns: a process may exit right after
 
     def _poll(self, job: Job, fold: Fold, progress, interval: float, playback: bool):
-        """`decode_stream`'s loop: yield the final prefix whenever it grew; in ``playback``,
-        the first chunk only once `_may_start` says a player can start on it."""
+        """`decode_stream`'s loop: yield the final prefix whenever it grew. In ``playback``
+        the first chunk goes once `_may_start` says a player can start on it, and later ones
+        at most every ``interval`` seconds (fewer, larger chunks for a player to encode)."""
         live, n = job.live, fold.n
         emitted = final = lump = 0  # samples yielded, final, and the most final at once
-        started = reached = time.monotonic()  # when the final prefix last grew
+        started = reached = last = time.monotonic()  # reached: the final prefix last grew
         while emitted < n:
             with live.lock:
                 produced = [live.produced(i) for i in range(len(live.results))]
@@ -532,9 +533,12 @@ class Codec:
                 now = time.monotonic()
                 if ready > final:
                     lump, final, reached = max(lump, ready - final), ready, now
-                wait = 0.0  # seconds until the first chunk may go
-                if playback and not emitted and ready < n:
-                    wait = self._may_start(started, reached, ready, n, lump)
+                if not playback or ready == n:
+                    wait = 0.0
+                elif not emitted:
+                    wait = self._may_start(started, reached, ready, n, lump, interval)
+                else:
+                    wait = last + interval - now
                 go = ready > emitted and wait <= 0
                 if go:
                     segs = [live.view(i) for i in range(len(live.results))]
@@ -548,25 +552,28 @@ class Codec:
             if progress is not None:
                 progress(done, live.total)
             if go:
-                emitted = ready
+                emitted, last = ready, time.monotonic()
                 yield chunk
             elif ended and ready < n:
                 raise RuntimeError("decoding stopped before the end of the audio")
 
-    def _may_start(self, started: float, reached: float, final: int, n: int, lump: int) -> float:
+    def _may_start(
+        self, started: float, reached: float, final: int, n: int, lump: int, slack: float = 0.0
+    ) -> float:
         """Seconds until a player may start on the first ``final`` samples of ``n`` (0: now).
 
-        The audio becomes final in lumps (segments that ran side by side finish together),
-        at the mean rate so far, ``final`` samples in ``reached - started`` seconds. Were it
-        to go on so, with lumps of ``lump`` samples, the last lump comes at the predicted end,
-        and a player that started at time ``t`` has not run out then if ``t + (n - lump) /
-        rate >= end``: the start that never stalls; where the audio comes faster than real
-        time that is now. The rate counts with a twentieth less (later arrivals slow it)."""
+        The audio becomes final in lumps (segments that ran side by side finish together), at
+        the mean rate so far: ``final`` samples in ``reached - started`` seconds. Were it to go
+        on so, in lumps of ``lump`` samples, the last lump would come at the predicted end, and
+        a player that started at time ``t`` has not run out then if ``t + (n - lump) /
+        sample_rate >= end``: the earliest start that never stalls, plus ``slack`` (how late
+        a chunk may reach the player); where the audio comes faster than real time that is
+        now. The rate counts with a twentieth less (later arrivals slow it)."""
         if final <= 0:
             return float("inf")
         rate = final / max(reached - started, 1e-9)  # samples per second
         end = reached + 1.05 * (n - final) / rate
-        return end - (n - lump) / self.sample_rate - time.monotonic()
+        return end + slack - (n - lump) / self.sample_rate - time.monotonic()
 
     def plan(
         self,

@@ -51,12 +51,17 @@ def fold(n: int, segment: int, overlap: int, burn_in: int, first: int) -> Fold:
 
 def final_prefix(fold: Fold, produced: Sequence[int]) -> int:
     """Samples of the waveform that no longer change, given how many samples each segment has
-    generated."""
+    generated: a sample is final once every segment it takes samples from has generated it.
+    Segment ``k`` gives samples from ``a_k - overlap`` (its head, cross-faded with the previous
+    segment's tail; 0 for the first), so an unfinished segment holds back everything from
+    there or from its last generated sample, whichever is later. Segments need not run in
+    step: one that starts after its predecessor holds back the predecessor's tail."""
+    final = fold.n
     for k, (a, b) in enumerate(fold.bounds):
         g = fold.start(k)
-        if produced[k] < b - g:  # its head also finalises the previous segment's tail
-            return max(g + produced[k], a - fold.overlap if k > 0 else 0)
-    return fold.n
+        if produced[k] < b - g:
+            final = min(final, max(g + produced[k], a - fold.overlap if k > 0 else 0))
+    return final
 
 
 def compose(fold: Fold, segs: Sequence[np.ndarray], lo: int, hi: int, q: int) -> np.ndarray:
