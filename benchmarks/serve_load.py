@@ -14,11 +14,14 @@ each its own gradio_client ``Client``, released together; seed i for client i.
 
 Each client listens as a browser does. The app streams decoded audio as HLS (AAC segments
 through ffmpeg): at every update the client receives, it reads the stream's playlist and notes
-when each segment appeared and how long it plays. Per request, from its submission: **first
-audio** (the first segment), **last sample** (the finished result, the exact wav) and whether
-it **played without a gap**: a player that starts on the first segment reaches each next one
-only after it appeared (``stall``: the latest a segment came against the schedule of a player
-that never waited; within ``--gap-tolerance``, the clients' own polling, it counts as none).
+when each segment appeared and how long it plays. Gradio's encoder holds back the end of each
+chunk until the next one comes, so a stream's first segment is short; like a browser's, the
+modelled player starts once it holds ``--start-buffer`` seconds. Per request, from its
+submission: **first audio** (when that player starts), **last sample** (the finished result,
+the exact wav) and whether it **played without a gap**: from its start the player reaches each
+next segment only after it appeared (``stall``: the latest a segment came against the schedule
+of a player that never waited; within ``--gap-tolerance``, the clients' own polling, it counts
+as none).
 Without ffmpeg the app plays the whole wav at the end: first audio is the last sample. Per row:
 the wall time (the baseline's sum, or from the first submission to the last result), real-time
 factor (N x file length / wall time), speedup of the concurrent row over the baseline, p50 and
@@ -147,7 +150,9 @@ class Listener:
             self.segments.append((at, d))
         return "#EXT-X-ENDLIST" in text
 
-    def decode(self, codes: Path, seed: int, barrier: threading.Barrier | None = None) -> dict:
+    def decode(
+        self, codes: Path, seed: int, barrier: threading.Barrier | None = None, start_buffer=0.0
+    ) -> dict:
         from gradio_client import handle_file
 
         if barrier is not None:
@@ -177,12 +182,20 @@ class Listener:
             if self.playlist is None or self.read_playlist(time.perf_counter() - t0):
                 break
             time.sleep(0.02)
-        return self.summary()
+        return self.summary(start_buffer)
 
-    def summary(self) -> dict:
+    def summary(self, start_buffer: float = 0.0) -> dict:
+        """First audio, last sample and stall of a player that starts once it holds
+        ``start_buffer`` seconds of audio (or all of it)."""
         if not self.segments:  # no stream (no ffmpeg): the wav plays at the end
             return {"first_audio": self.last, "last_sample": self.last, "stall": 0.0}
-        start, played, stall = self.segments[0][0], 0.0, 0.0
+        held, start = 0.0, self.segments[-1][0]
+        for at, duration in self.segments:
+            held += duration
+            if held >= start_buffer - 1e-9:
+                start = at
+                break
+        played, stall = 0.0, 0.0
         for at, duration in self.segments:
             stall = max(stall, at - (start + played))
             played += duration
@@ -193,14 +206,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def run_concurrent(url: str, codes: Path, n: int) -> tuple[float, list[dict]]:
+def run_concurrent(url: str, codes: Path, n: int, start_buffer: float) -> tuple[float, list[dict]]:
     listeners = [Listener(url) for _ in range(n)]
     barrier = threading.Barrier(n + 1)
     results: list[dict | BaseException] = [None] * n
 
     def work(i: int) -> None:
         try:
-            results[i] = listeners[i].decode(codes, i, barrier)
+            results[i] = listeners[i].decode(codes, i, barrier, start_buffer)
         except BaseException as e:  # reported after the others finish
             results[i] = e
 
@@ -218,11 +231,11 @@ def run_concurrent(url: str, codes: Path, n: int) -> tuple[float, list[dict]]:
     return wall, results
 
 
-def run_sequential(url: str, codes: Path, n: int) -> tuple[float, list[dict]]:
+def run_sequential(url: str, codes: Path, n: int, start_buffer: float) -> tuple[float, list[dict]]:
     results = []
     for i in range(n):
         listener = Listener(url)
-        results.append(listener.decode(codes, i))
+        results.append(listener.decode(codes, i, start_buffer=start_buffer))
     return sum(r["last_sample"] for r in results), results
 
 
@@ -271,6 +284,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seconds", type=float, nargs="+", default=[4.0, 8.0])
     p.add_argument(
+        "--start-buffer",
+        type=float,
+        default=0.25,
+        metavar="S",
+        help="audio a player holds before it starts (0: it starts on the first segment)",
+    )
+    p.add_argument(
         "--gap-tolerance",
         type=float,
         default=0.1,
@@ -288,8 +308,16 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     if args.quick:
         args.clients, args.seconds = [1, 2], [0.5, 1.0]
-    if min(args.clients) < 1 or min(args.seconds) <= 0 or args.gap_tolerance < 0:
-        print("error: --clients, --seconds and --gap-tolerance must be positive", file=sys.stderr)
+    if (
+        min(args.clients) < 1
+        or min(args.seconds) <= 0
+        or min(args.gap_tolerance, args.start_buffer) < 0
+    ):
+        print(
+            "error: --clients and --seconds must be positive, --gap-tolerance and "
+            "--start-buffer not negative",
+            file=sys.stderr,
+        )
         return 2
     codec = Codec(args.model, workers=1, threads=1)  # to encode the files only
     proc = None
@@ -305,9 +333,9 @@ def main(argv=None) -> int:
             for seconds, path in files.items():
                 Listener(url).decode(path, 0)  # untimed: rings, bindings, the encoder process
                 for n in args.clients:
-                    wall, results = run_sequential(url, path, n)
+                    wall, results = run_sequential(url, path, n, args.start_buffer)
                     base = row(seconds, n, "one at a time", wall, results, args.gap_tolerance)
-                    wall, results = run_concurrent(url, path, n)
+                    wall, results = run_concurrent(url, path, n, args.start_buffer)
                     conc = row(seconds, n, "concurrent", wall, results, args.gap_tolerance)
                     conc["speedup"] = round(base["wall_s"] / conc["wall_s"], 3)
                     for r in (base, conc):

@@ -37,6 +37,8 @@ def test_a_listener_plays_without_a_gap_only_if_each_segment_came_in_time():
     assert listener.summary() == {"first_audio": 1.0, "last_sample": 3.0, "stall": 0.0}
     listener.segments = [(1.0, 0.5), (1.7, 0.5), (2.5, 1.0)]  # 0.2 late, then 0.5 late
     assert abs(listener.summary()["stall"] - 0.5) < 1e-9
+    # A player that waits for 0.8 s of audio starts on the second segment, then never waits.
+    assert listener.summary(0.8) == {"first_audio": 1.7, "last_sample": 3.0, "stall": 0.0}
     listener.segments = []  # no stream: the wav at the end
     assert listener.summary() == {"first_audio": 3.0, "last_sample": 3.0, "stall": 0.0}
 
@@ -44,3 +46,5 @@ def test_a_listener_plays_without_a_gap_only_if_each_segment_came_in_time():
 def test_serve_load_refuses_bad_arguments(capsys):
     assert main(["--clients", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+    assert main(["--start-buffer", "-1"]) == 2
+    assert "not negative" in capsys.readouterr().err
