@@ -183,8 +183,9 @@ ROW_COUNTS = sorted({2**i for i in range(16)} | {3 * 2**i for i in range(15)})
 
 
 def row_count(rows: int) -> int:
-    """The smallest of `ROW_COUNTS` at least ``rows``."""
-    return ROW_COUNTS[bisect.bisect_left(ROW_COUNTS, rows)]
+    """The smallest of `ROW_COUNTS` at least ``rows`` (``rows`` itself beyond them)."""
+    i = bisect.bisect_left(ROW_COUNTS, rows)
+    return ROW_COUNTS[i] if i < len(ROW_COUNTS) else rows
 
 
 class StepBatch:
