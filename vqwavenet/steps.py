@@ -732,7 +732,8 @@ class Scheduler:
         """Load ``picks`` (taken from the list as they are placed) into idle rows from step
         ``s``, with more rows (and a larger batch) where they do not fit; ``drain``: nothing
         waits for a row, so a batch with at most half its rows busy drops its idle ones.
-        Returns the batch, its rows' tracks and their conditioning rows."""
+        ``tracks`` changes in place, so that should this fail, the worker still knows every
+        row it holds. Returns the batch, its rows' tracks and their conditioning rows."""
         engine = self.engine
         zero, ctx = engine.zero_class, engine.context
         held = sum(t is not None for t in tracks)
@@ -751,7 +752,7 @@ class Scheduler:
                     batch = larger
                 batch.clear(m, rows, zero)
                 batch.resize(rows)
-            tracks = tracks + [None] * (rows - len(tracks))
+            tracks += [None] * (rows - len(tracks))  # in place: the caller's list
             crow = np.concatenate([crow, np.full(rows - len(crow), -1, dtype=np.int64)])
         steady: list[tuple[int, Track]] = []
         for r in range(batch.m):
@@ -787,7 +788,7 @@ class Scheduler:
             idle = [r for r, t in enumerate(tracks) if t is None]
             keep = busy + idle[: row_count(len(busy)) - len(busy)]
             batch.keep(np.array(keep))
-            tracks = [tracks[r] for r in keep]
+            tracks[:] = [tracks[r] for r in keep]
             crow = crow[keep]
         return batch, tracks, crow
 
