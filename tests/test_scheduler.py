@@ -351,3 +351,37 @@ def test_segments_run_one_after_another_stream_the_decoded_audio(codec, monkeypa
     chunks = list(codec.decode_stream(codes, 1, 2, **kwargs, schedule="batch", interval=0.001))
     assert len(chunks) > 12
     np.testing.assert_array_equal(np.concatenate(chunks), want)
+
+
+def test_an_engine_failure_fails_the_requests_of_its_batch_and_the_engine_serves_on(
+    codec, monkeypatch
+):
+    """A step that raises (onnxruntime failing) fails the requests whose rows were in that
+    batch with its error, promptly and without leaving a caller waiting; a request queued for
+    the rows is then served, and so are later ones."""
+    codec = Codec(codec.dir, workers=1)
+    codec.max_rows = 2
+    step = steps.StepBatch.run
+    calls = []
+
+    def failing(batch, s):
+        calls.append(s)
+        if len(calls) == 50:
+            raise RuntimeError("simulated onnxruntime failure")
+        return step(batch, s)
+
+    monkeypatch.setattr(steps.StepBatch, "run", failing)
+    (a, n), (b, m) = random_codes(codec, 0.2, 1), random_codes(codec, 0.3, 2)
+    plans = [
+        codec.plan([DecodeRequest(c, 0, k, 1)], 10**6, None, None) for c, k in ((a, n), (b, m))
+    ]
+    first, second = (codec.engine.submit(p.streams, p.cond) for p in plans)
+    third_plan = codec.plan([DecodeRequest(b, 0, m, 1)], 10**6, None, None)
+    third = codec.engine.submit(third_plan.streams, third_plan.cond)  # waits for a row
+    for job in (first, second):
+        with pytest.raises(RuntimeError, match="simulated onnxruntime failure"):
+            codec.engine.wait(job)
+    (got,) = codec.engine.wait(third)
+    assert len(got) == m
+    assert codec.decode(a, 0, 1, n_samples=n).shape == (n,)
+    assert codec.engine.scheduler.jobs == [] and no_worker_left()
