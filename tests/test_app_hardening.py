@@ -133,7 +133,7 @@ def _endless_decode(log: dict):
     return decode_stream
 
 
-def _post_call(url: str, codes: Path) -> str:
+def post_call(url: str, codes: Path) -> str:
     """A decode through the REST flow (``POST /call/decode``); returns the event id."""
     with open(codes, "rb") as f:
         up = httpx.post(f"{url}gradio_api/upload", files={"files": ("c.vqwc", f)}, timeout=30)
@@ -148,7 +148,7 @@ def test_a_decode_nobody_reads_stops(quick_grace_server, app_inputs, monkeypatch
     url, service = quick_grace_server
     log: dict = {}
     monkeypatch.setattr(service, "decode_stream", _endless_decode(log))
-    _post_call(url, app_inputs.codes)  # and never read
+    post_call(url, app_inputs.codes)  # and never read
     deadline = time.monotonic() + 25
     while "ran" not in log and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -160,7 +160,7 @@ def test_a_decode_being_read_runs_to_the_end(quick_grace_server, app_inputs, mon
     url, service = quick_grace_server
     log: dict = {"until": 2.0}
     monkeypatch.setattr(service, "decode_stream", _endless_decode(log))
-    event_id = _post_call(url, app_inputs.codes)
+    event_id = post_call(url, app_inputs.codes)
     with httpx.stream("GET", f"{url}gradio_api/call/decode/{event_id}", timeout=60) as r:
         events = [line for line in r.iter_lines() if line.startswith("event:")]
     assert events[-1] == "event: complete", events

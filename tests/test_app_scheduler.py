@@ -17,6 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from tests.conftest import APP_MAX_FILE_SIZE, DATA, free_port
+from tests.test_app_hardening import post_call
 from vqwavenet import steps
 from vqwavenet.audio import to_int16
 from vqwavenet.codes_file import CodesFile
@@ -111,16 +112,7 @@ def test_a_decode_nobody_reads_frees_its_rows(served, tmp_path, monkeypatch):
     codes = long_codes(service, tmp_path / "long.vqwc")
     scheduler = service.codec.engine.scheduler
 
-    def post() -> str:
-        with open(codes, "rb") as f:
-            up = httpx.post(f"{url}gradio_api/upload", files={"files": ("c.vqwc", f)}, timeout=30)
-        up.raise_for_status()
-        data = [{"path": up.json()[0], "meta": {"_type": "gradio.FileData"}}, FROM_FILE, 0]
-        r = httpx.post(f"{url}gradio_api/call/decode", json={"data": data}, timeout=30)
-        r.raise_for_status()
-        return r.json()["event_id"]
-
-    post()  # and never read
+    post_call(url, codes)  # and never read
     started = time.monotonic()
     while not jobs:
         time.sleep(0.01)
@@ -131,7 +123,7 @@ def test_a_decode_nobody_reads_frees_its_rows(served, tmp_path, monkeypatch):
     assert any(r is None for r in job.live.results)  # it stopped before the end
 
     monkeypatch.setattr(steps.StepBatch, "run", step)  # the control, at full speed
-    event = post()
+    event = post_call(url, codes)
     with httpx.stream("GET", f"{url}gradio_api/call/decode/{event}", timeout=60) as r:
         events = [line for line in r.iter_lines() if line.startswith("event:")]
     assert events[-1] == "event: complete", events
