@@ -350,6 +350,17 @@ def figure(records: list[dict], path: Path) -> None:
 # --- command line ----------------------------------------------------------------------------
 
 
+def _setting(item: str) -> tuple[str, object]:
+    """``table.key=value`` as (dotted key, JSON value; a bare word is a string)."""
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"expected TABLE.KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.window_losses",
@@ -369,6 +380,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows per eval")
     p.add_argument("--eval-n", type=int, default=4000, help="predictions per held-out window")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        metavar="TABLE.KEY=VALUE",
+        help="change the base config, e.g. model.decoder.residual_channels=32 (a narrower "
+        "model for a small budget); VALUE is JSON",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--figure", type=Path, help="where the PNG goes (default OUT/window_losses.png)")
@@ -378,8 +396,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
-    args.set = None
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.set = dict(_setting(item) for item in args.set or [])
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     if args.quick:
         args.base, args.lengths, args.per_step = QUICK["base"], QUICK["lengths"], QUICK["per_step"]
         args.steps, args.log_every = QUICK["steps"], QUICK["log_every"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -63,7 +64,12 @@ def test_routed_weights_sum_to_one_per_step_and_the_controls_do_not(data, tmp_pa
 def test_quick_grid_trains_logs_summarises_and_resumes(data, tmp_path, capsys):
     out = tmp_path / "grid"
     argv = ["--data", str(data), "--out", str(out), "--quick", "--no-progress"]
+    argv += ["--set", "train.lr=0.002", "model.decoder.residual_channels=6"]
     assert wl.main(argv) == 0
+    config = tomllib.loads((out / "routed-n16-seed0" / "config.toml").read_text())
+    assert config["train"]["lr"] == 0.002 and config["train"]["windows"] == 512 // 16
+    init = torch.load(out / "init.pt", weights_only=False)
+    assert init["model_config"]["decoder"]["residual_channels"] == 6
     printed = capsys.readouterr().out
     assert "| routed | held-out CE |" in printed and "seed noise" in printed
     result = json.loads((out / "results.json").read_text())
@@ -98,3 +104,10 @@ def test_quick_grid_trains_logs_summarises_and_resumes(data, tmp_path, capsys):
     assert again[0]["final"]["valid/ce"] == pytest.approx(runs[0]["final"]["valid/ce"])
     for before, after in zip(runs[1:], again[1:], strict=True):
         assert before == after
+
+
+def test_settings_parse_as_json_or_words():
+    assert wl._setting("train.lr=1e-3") == ("train.lr", 1e-3)
+    assert wl._setting("train.decay=cosine") == ("train.decay", "cosine")
+    with pytest.raises(ValueError, match="TABLE.KEY=VALUE"):
+        wl._setting("lr=1")
