@@ -84,13 +84,17 @@ def requantize(args) -> int:
     except (ModelDirError, ValueError, OSError) as e:
         return fatal(str(e))
     print(f"{folder}: int8 step with per-row activation scales (model id {meta['model_id']})")
+    _print_int8_quality(meta)
+    return 0
+
+
+def _print_int8_quality(meta: dict) -> None:
     if "int8_quality" in meta:
         q = meta["int8_quality"]
         print(
             f"int8 quality: teacher-forced CE fp32 {q['ce_fp32']:.4f}, int8 {q['ce_int8']:.4f} "
             f"nats/sample (+{q['ce_increase']:.4f}) on {q['clips']} clips, {q['samples']} samples"
         )
-    return 0
 
 
 def main(argv=None) -> int:
@@ -146,12 +150,7 @@ def main(argv=None) -> int:
     print(f"wrote {out} (model id {meta['model_id']})")
     print(f"primer: {entry['samples']} samples of {entry['source']}")
     print("verification against PyTorch: " + json.dumps(meta["verification"]))
-    if "int8_quality" in meta:
-        q = meta["int8_quality"]
-        print(
-            f"int8 quality: teacher-forced CE fp32 {q['ce_fp32']:.4f}, int8 {q['ce_int8']:.4f} "
-            f"nats/sample (+{q['ce_increase']:.4f}) on {q['clips']} clips, {q['samples']} samples"
-        )
+    _print_int8_quality(meta)
     return 0
 
 

@@ -33,18 +33,7 @@ def app_model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("app_model")
     torch.manual_seed(0)
     model = Autoencoder(load_model_config("tiny")).eval()
-    # Feature statistics and a k-means codebook from the test clips, so that speech uses
-    # many codes (random weights alone map nearly every frame to one or two codes).
-    import soundfile as sf
-
-    waves = [torch.tensor(sf.read(p, dtype="float32")[0]) for p in sorted(DATA.glob("*.wav"))]
-    dim = model.features.dim
-    model.features.set_statistics(torch.zeros(dim), torch.ones(dim))
-    with torch.no_grad():
-        feats = torch.cat([model.features(w[None])[0] for w in waves], dim=-1)  # [dim, T]
-        model.features.set_statistics(feats.mean(-1), feats.std(-1))
-        z = torch.cat([model.encoder(model.features(w[None]))[0].T for w in waves])  # [F, D]
-    model.quantizer.kmeans_init(z, generator=torch.Generator().manual_seed(0))
+    fit_to_test_clips(model)  # so that speech uses many codes
     n = model.cfg.decoder.n_speakers
     speakers = (APP_SPEAKERS + [f"speaker{i}" for i in range(len(APP_SPEAKERS), n)])[:n]
     ckpt = root / "tiny.pt"
