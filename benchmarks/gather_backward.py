@@ -11,7 +11,7 @@ not deterministic). Candidates, all on ``grad [B, C, T]`` and a non-decreasing `
 
 * ``scatter_add``: ``zeros.scatter_add_``, what autograd runs as ``torch.gather``'s backward
   (the baseline), timed alone: an earlier version of this benchmark timed the forward gather
-  here too, which overstated the speedups (`benchmarks/results/h100_2026-11-26/README.md`).
+  here too, which overstated the speedups (the H100 run's notes in `benchmarks/results/`).
 * ``segment_rows``: ``segment_reduce`` per batch row, run lengths by ``bincount`` (which syncs
   on CUDA): the CPU path before this benchmark.
 * ``segment``: one ``segment_reduce`` over ``[B * C, T]``, run lengths by ``searchsorted``

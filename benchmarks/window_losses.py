@@ -304,6 +304,9 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+FIGURE_KEYS = ("valid/ce", "ema/weight_total")  # the figure's rows
+
+
 def figure(records: list[dict], path: Path) -> None:
     """Held-out CE and EMA weight against steps: one column per loss, one line per length."""
     import matplotlib
@@ -320,21 +323,9 @@ def figure(records: list[dict], path: Path) -> None:
             colour = colours[lengths.index(r["length"])]
             style = "-" if r["seed"] == 0 else ":"
             label = f"N={r['length']}" + (f" seed {r['seed']}" if r["seed"] else "")
-            rows = [h for h in r["history"] if "valid/ce" in h]
-            axes[0, col].plot(
-                [h["step"] for h in rows],
-                [h["valid/ce"] for h in rows],
-                style,
-                color=colour,
-                label=label,
-            )
-            rows = [h for h in r["history"] if "ema/weight_total" in h]
-            axes[1, col].plot(
-                [h["step"] for h in rows],
-                [h["ema/weight_total"] for h in rows],
-                style,
-                color=colour,
-            )
+            for row, key in enumerate(FIGURE_KEYS):
+                points = [(h["step"], h[key]) for h in r["history"] if key in h]
+                axes[row, col].plot(*zip(*points, strict=True), style, color=colour, label=label)
         axes[0, col].set_title(loss)
         axes[0, col].set_ylabel("held-out CE (nats/sample)")
         axes[1, col].set_ylabel("EMA weight per step")
