@@ -15,11 +15,14 @@ not deterministic). Candidates, all on ``grad [B, C, T]`` and a non-decreasing `
 * ``segment_rows``: ``segment_reduce`` per batch row, run lengths by ``bincount`` (which syncs
   on CUDA): the CPU path before this benchmark.
 * ``segment``: one ``segment_reduce`` over ``[B * C, T]``, run lengths by ``searchsorted``
-  (no host sync, deterministic): `model.decoder.segment_sum`.
+  (no host sync, deterministic): the channel-major decoder's (`benchmarks.conv_decoder`).
 * ``cumsum64``: float64 prefix sums read at the run ends and differenced.
+* ``one_hot``: one ``bmm`` with the one-hot index (deterministic, bf16 accumulated in fp32,
+  any index order): `model.decoder.sum_by_index`, what the decoder uses, here on the
+  transposed gradient.
 
 Each candidate is checked against a float64 reference (max error relative to the largest
-sum); the run exits 1 when ``segment``, the model's, exceeds 1e-5 (fp32) or 1e-2 (bf16).
+sum); the run exits 1 when ``one_hot``, the model's, exceeds 1e-5 (fp32) or 1e-2 (bf16).
 Shapes default to the `default` config's decoder: B = 8 windows, C = 2G = 512 channels,
 T = 6046 samples (4000 predictions plus the WaveNet context), hop 320, float32 (``--dtype
 bfloat16``: the gradient's type under autocast). Output: one JSON line per (device,
@@ -37,7 +40,8 @@ import time
 
 import torch
 
-from model.decoder import segment_sum
+from benchmarks.conv_decoder import segment_sum
+from model.decoder import sum_by_index
 
 BENCH = "gather_backward"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -72,12 +76,18 @@ def cumsum64(c: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.
     return torch.diff(at, dim=-1, prepend=at.new_zeros(at.shape[:-1] + (1,))).to(grad.dtype)
 
 
+def one_hot(c: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return sum_by_index(grad.transpose(1, 2), index, c.shape[-1]).transpose(1, 2)
+
+
 CANDIDATES = {
     "scatter_add": scatter_add,
     "segment_rows": segment_rows,
     "segment": segment,
     "cumsum64": cumsum64,
+    "one_hot": one_hot,
 }
+MODEL = "one_hot"
 
 
 def make_inputs(args, device: torch.device, seed: int = 0):
@@ -178,7 +188,7 @@ def main(argv=None) -> int:
     bad = False
     for r in rows:  # only the model's own candidate fails the run; the others are reported
         if r["max_rel_err"] > TOLERANCE[args.dtype]:
-            what = "error" if r["candidate"] == "segment" else "note"
+            what = "error" if r["candidate"] == MODEL else "note"
             bad |= what == "error"
             err = r["max_rel_err"]
             print(f"{what}: {r['device']} {r['candidate']}: error {err:.1e}", file=sys.stderr)

@@ -11,7 +11,10 @@ a fresh Trainer with the same seed: ``fp32`` (eager, no autocast), ``bf16`` (eag
 autocast), ``bf16-compile`` (that under torch.compile) and ``bf16-deterministic`` (bf16 with
 ``train.deterministic``; not run by default). Each has a ``-scatter`` twin (``bf16-scatter``
 ...) whose decoder uses PyTorch's own gather backward (``scatter_add``) instead of its
-segment sum (`model.decoder.segment_sum`), for comparison in one run. The first ``--skip``
+one-hot product (`model.decoder.sum_by_index`), and a ``-conv`` twin that runs the decoder's
+earlier channel-major forward (`benchmarks.conv_decoder`): ``fp32-conv`` is the reference
+the CPU speed-up is quoted against, measured in the same run (on CPU the trainer keeps freed
+memory for every variant, `training.host_memory`). The first ``--skip``
 steps (compilation, cuDNN autotuning, allocator warm-up) are left out of the median; the
 first step's wall time is reported on its own, as it holds the compilation. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA, and not measured on CPU. ``--profile K`` then
@@ -35,22 +38,25 @@ from unittest import mock
 import torch
 from tqdm import tqdm
 
+from benchmarks.conv_decoder import conv_forward
 from model import decoder
 from training.config import load_model_config, load_train_config
 from training.dataset import Dataset
 from training.train import Trainer, set_deterministic
 
-# variant: (amp, compile, deterministic); a "-scatter" suffix swaps the decoder's
-# segment-sum gather backward for PyTorch's own (scatter_add): its CUDA path before 7e55276
-# (CPU used a per-row segment_reduce), except that the index check still runs.
+# variant: (amp, compile, deterministic); a "-scatter" suffix swaps the decoder's one-hot
+# gather backward for PyTorch's own (scatter_add); a "-conv" suffix runs the decoder's earlier
+# channel-major forward (`benchmarks.conv_decoder`), the reference of the CPU speed-up.
 BASE_VARIANTS = {
     "fp32": (False, False, False),
     "bf16": (True, False, False),
     "bf16-compile": (True, True, False),
     "bf16-deterministic": (True, False, True),
 }
-SCATTER = "-scatter"
-VARIANTS = BASE_VARIANTS | {name + SCATTER: v for name, v in BASE_VARIANTS.items()}
+SCATTER, CONV = "-scatter", "-conv"
+VARIANTS = BASE_VARIANTS | {
+    name + suffix: v for name, v in BASE_VARIANTS.items() for suffix in (SCATTER, CONV)
+}
 
 
 def measure(args, variant: str, progress) -> dict:
@@ -60,8 +66,12 @@ def measure(args, variant: str, progress) -> dict:
     for a clean comparison.)"""
     deterministic = VARIANTS[variant][2]
     gather = decoder.gather if variant.endswith(SCATTER) else decoder.repeat_by_index
+    forward = conv_forward if variant.endswith(CONV) else decoder.WaveNetDecoder.forward
     try:
-        with mock.patch.object(decoder, "repeat_by_index", gather):
+        with (
+            mock.patch.object(decoder, "repeat_by_index", gather),
+            mock.patch.object(decoder.WaveNetDecoder, "forward", forward),
+        ):
             return _measure(args, variant, progress)
     finally:
         if deterministic:

@@ -1,12 +1,18 @@
 """WaveNet decoder conditioned on quantised slots and a speaker.
 
+The teacher-forced pass runs time-major (``[B, T, C]``): every layer is a matrix product over
+the channels (a kernel-2 dilated convolution is one product whose two taps are read at a
+shift of its dilation), which CPUs run without the layout conversions a bf16 convolution
+pays on each call, and PyTorch's CPU and CUDA matrix products accumulate bf16 in fp32. The
+modules stay ``nn.Conv1d`` (the checkpoint format and the ONNX step read their weights).
+
 Conditioning is projected for every layer at once at the slot rate (50 Hz) and gathered per
 sample, 320x cheaper than projecting an upsampled full-rate tensor; the gather is the
-upsampling-by-repetition of docs/DESIGN.md (its backward sums runs of equal indices with
-``segment_reduce``: faster than the gather's own ``scatter_add``, deterministic, and without
-Inductor's slow kernels for it; ``benchmarks/gather_backward.py``). The last layer has no
-residual projection (its output would be unused, and every parameter must receive gradient for
-DDP).
+upsampling-by-repetition of docs/DESIGN.md. Its backward (`sum_by_index`) is one batched
+matrix product with the one-hot index: deterministic, no atomics, bf16 summed in fp32. The
+last layer has no residual projection (its output would be unused, and every parameter must
+receive gradient for DDP); the skip projections of all layers are one product over the
+concatenated gate outputs.
 """
 
 from __future__ import annotations
@@ -14,62 +20,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 from model.config import DecoderConfig
 from model.geometry import Conv, Upsample
 
 
-def segment_sum(grad: torch.Tensor, index: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Sums of ``grad [B, C, T]`` over each run of equal ``index [B, T]`` -> ``[B, C, n_cols]``.
+def sum_by_index(grad: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sums of ``grad [B, T, C]`` over the times of each index -> ``[B, n_rows, C]``.
 
-    ``index`` must be non-decreasing in every row. One ``segment_reduce`` over all rows, run
-    lengths by ``searchsorted``: no host sync and no atomics, so it is deterministic on CUDA
-    (``benchmarks/gather_backward.py`` compares it with ``scatter_add``). bf16 and fp16 are
-    summed in fp32: ``segment_reduce`` accumulates in the input's type, and a bf16 sum of 320
-    ones is 256.
+    The backward of gathering rows ``[B, n_rows, C]`` by ``index [B, T]``. One ``bmm`` with
+    the one-hot index: deterministic on every device (no ``scatter_add`` atomics), and bf16
+    gradients are accumulated in fp32 by the matrix product (a bf16 running sum of 320 ones
+    is 256).
     """
-    b, c, _ = grad.shape
-    dtype = grad.dtype
-    if dtype in (torch.bfloat16, torch.float16):
-        grad = grad.float()
-    cols = torch.arange(n_cols + 1, device=index.device).expand(b, -1).contiguous()
-    lengths = torch.searchsorted(index.contiguous(), cols).diff(dim=1)  # [B, n_cols]
-    lengths = lengths[:, None, :].expand(-1, c, -1).reshape(b * c, n_cols)
-    # unsafe: skip segment_reduce's own checks of the lengths, each a host sync on CUDA
-    out = torch.segment_reduce(grad.reshape(b * c, -1), "sum", lengths=lengths, axis=1, unsafe=True)
-    return out.view(b, c, n_cols).to(dtype)
-
-
-def _check_non_decreasing(index: torch.Tensor) -> None:
-    """ValueError on CPU; elsewhere, and under torch.compile, an asynchronous assert (a
-    RuntimeError, on CUDA at a later synchronisation, which ends the process's CUDA use)."""
-    ok = (index[:, 1:] >= index[:, :-1]).all()
-    message = "cond_index must be non-decreasing along time in every row"
-    if index.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not ok:
-            raise ValueError(message)
-    else:  # asynchronous: a host check would stall CUDA's launch queue and break compiled graphs
-        torch._assert_async(ok, message)
+    one_hot = F.one_hot(index, n_rows).to(grad.dtype)  # [B, T, n_rows]
+    return torch.bmm(one_hot.transpose(1, 2), grad)
 
 
 class _RepeatByIndex(torch.autograd.Function):
-    """``c [B, K, C]`` gathered along time by ``index [B, T]`` (non-decreasing in every row).
+    """``c [B, K, C]`` gathered along time by ``index [B, T]`` -> ``[B, T, C]``.
 
-    The forward is ``torch.gather``; the backward is `segment_sum`, which sums each run of
-    equal indices instead of the gather's per-element ``scatter_add``.
+    The forward is ``torch.gather``; the backward is `sum_by_index` instead of the gather's
+    per-element ``scatter_add``.
     """
 
     @staticmethod
     def forward(ctx, c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
-        ctx.n_cols = c.shape[-1]
-        return c.gather(2, index[:, None, :].expand(-1, c.shape[1], -1))
+        ctx.n_rows = c.shape[1]
+        return gather(c, index)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        return segment_sum(grad.contiguous(), index, ctx.n_cols), None
+        return sum_by_index(grad, index, ctx.n_rows), None
 
 
 def repeat_by_index(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -80,7 +66,12 @@ def repeat_by_index(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def gather(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``c [B, K, C]`` gathered along time by ``index [B, T]``, with PyTorch's own backward."""
-    return c.gather(2, index[:, None, :].expand(-1, c.shape[1], -1))
+    return c.gather(1, index[:, :, None].expand(-1, -1, c.shape[-1]))
+
+
+def pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-1 ``conv`` applied to time-major ``x [B, T, C_in]`` -> ``[B, T, C_out]``."""
+    return F.linear(x, conv.weight[:, :, 0], conv.bias)
 
 
 class WaveNetDecoder(nn.Module):
@@ -139,25 +130,30 @@ class WaveNetDecoder(nn.Module):
         Returns:
             logits ``[B, Q, N]`` with ``N = T - sum of spans``: the last N decoder times.
         """
-        g = self.cfg.gate_channels
-        x = self.embed(inputs).transpose(1, 2)  # [B, R, T]
-        n_out = inputs.shape[1] - sum((self.cfg.kernel_size - 1) * d for d in self.dilations)
+        k, g = self.cfg.kernel_size, self.cfg.gate_channels
+        n_out = inputs.shape[1] - sum((k - 1) * d for d in self.dilations)
         if n_out < 1:
             raise ValueError(f"the decoder needs more than {inputs.shape[1]} input samples")
-        # The segment-sum backward needs runs of equal indices (true of repetition; checked).
-        repeat = gather
-        if cond.requires_grad and torch.is_grad_enabled():
-            _check_non_decreasing(cond_index)
-            repeat = repeat_by_index
-        skips = 0
-        for i, conv in enumerate(self.dilated):
-            h = conv(x)  # [B, 2G, T_i]
-            idx = cond_index[:, cond_index.shape[1] - h.shape[-1] :]
-            c = cond[:, i * 2 * g : (i + 1) * 2 * g]
-            h = h + repeat(c, idx)
-            a, b = h.chunk(2, dim=1)
-            z = torch.tanh(a) * torch.sigmoid(b)  # [B, G, T_i]
-            skips = skips + self.skip[i](z[..., z.shape[-1] - n_out :])
+        x = self.embed(inputs)  # [B, T, R]: time-major from here to the logits
+        cond = cond.transpose(1, 2)  # [B, C, n_layers * 2G]
+        gates = []
+        for i, (conv, d) in enumerate(zip(self.dilated, self.dilations)):
+            n_in = x.shape[1]
+            n = n_in - (k - 1) * d
+            # All taps in one product, [B, n_in, k * 2G]; tap j is read j * d samples later.
+            taps = F.linear(x, conv.weight.permute(2, 0, 1).flatten(0, 1))
+            h = taps[:, :n, : 2 * g]
+            for j in range(1, k):
+                h = h + taps[:, j * d : j * d + n, j * 2 * g : (j + 1) * 2 * g]
+            c = repeat_by_index(cond[..., i * 2 * g : (i + 1) * 2 * g], cond_index[:, -n:])
+            h = h + conv.bias.to(h.dtype) + c
+            a, b = h.chunk(2, dim=-1)
+            z = torch.tanh(a) * torch.sigmoid(b)  # [B, n, G]
+            gates.append(z[:, n - n_out :])
             if i < len(self.residual):
-                x = x[..., x.shape[-1] - z.shape[-1] :] + self.residual[i](z)
-        return self.head(skips)
+                x = x[:, n_in - n :] + pointwise(self.residual[i], z)
+        skip_weight = torch.cat([s.weight[:, :, 0] for s in self.skip], dim=1)  # [S, n_layers G]
+        skip_bias = sum(s.bias for s in self.skip)  # not stack().sum(): its grads alias
+        skips = F.linear(torch.cat(gates, dim=-1), skip_weight, skip_bias)
+        _, hidden, _, logits = self.head
+        return pointwise(logits, F.relu(pointwise(hidden, F.relu(skips)))).transpose(1, 2)

@@ -114,15 +114,16 @@ def test_naive_decoder_shares_the_parameters_of_the_wrapped_decoder():
     assert {id(p) for p in naive.parameters()} == {id(p) for p in inner.parameters()}
 
 
-def test_decoder_run_sum_backward_equals_the_gather_gradient():
-    """The decoder's segment-sum backward (the optimisation this benchmark measured) gives the
-    gradient of ``torch.gather``, with empty slots and a clamped run at the end."""
+def test_decoder_gather_backward_equals_the_gather_gradient():
+    """The decoder's one-hot backward (the optimisation this benchmark measured, then its
+    successor) gives the gradient of ``torch.gather``, with empty slots and a clamped run at
+    the end."""
     g = torch.Generator().manual_seed(3)
-    c = torch.randn(2, 5, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    c = torch.randn(2, 9, 5, dtype=torch.float64, generator=g, requires_grad=True)
     index = torch.tensor([[1] * 3 + [2] * 4 + [4] * 4 + [8] * 9, [0] * 4 + [3] * 4 + [5] * 12])
-    weight = torch.randn(2, 5, index.shape[1], dtype=torch.float64, generator=g)
+    weight = torch.randn(2, index.shape[1], 5, dtype=torch.float64, generator=g)
     (ours,) = torch.autograd.grad((_RepeatByIndex.apply(c, index) * weight).sum(), c)
-    expanded = index[:, None, :].expand(-1, 5, -1)
-    (ref,) = torch.autograd.grad((c.gather(2, expanded) * weight).sum(), c)
+    expanded = index[:, :, None].expand(-1, -1, 5)
+    (ref,) = torch.autograd.grad((c.gather(1, expanded) * weight).sum(), c)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    assert torch.equal(_RepeatByIndex.apply(c, index), c.gather(2, expanded))
+    assert torch.equal(_RepeatByIndex.apply(c, index), c.gather(1, expanded))

@@ -79,18 +79,18 @@ def test_a_variant_that_fails_mid_run_still_switches_determinism_back(
 
 
 def test_scatter_variants_swap_the_decoders_gather_backward(data, capsys, monkeypatch):
-    """``fp32-scatter`` runs PyTorch's own gather backward (no segment sum), ``fp32`` the
-    decoder's segment sum; the swap is undone afterwards, and the losses agree."""
+    """``fp32-scatter`` runs PyTorch's own gather backward (no one-hot product), ``fp32`` the
+    decoder's; the swap is undone afterwards, and the losses agree."""
     from model import decoder
 
     calls = []
-    real = decoder.segment_sum
+    real = decoder.sum_by_index
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decoder, "segment_sum", counting)
+    monkeypatch.setattr(decoder, "sum_by_index", counting)
     argv = ["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2"]
     argv += ["--skip", "1", "--windows", "2", "--variants"]
     assert main([*argv, "fp32-scatter"]) == 0
@@ -100,3 +100,26 @@ def test_scatter_variants_swap_the_decoders_gather_backward(data, capsys, monkey
     scatter, segment = _rows(capsys.readouterr().out)
     assert scatter["variant"] == "fp32-scatter" and segment["variant"] == "fp32"
     assert scatter["loss_first"] == pytest.approx(segment["loss_first"], rel=1e-6)
+
+
+def test_conv_variant_runs_the_channel_major_reference(data, capsys, monkeypatch):
+    """``fp32-conv`` times the earlier channel-major forward (the speed-up's reference): it
+    runs instead of the decoder's own forward, which is back afterwards; losses agree."""
+    from benchmarks import conv_decoder
+    from model import decoder
+
+    own, calls = decoder.WaveNetDecoder.forward, []
+    reference = conv_decoder.conv_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr("benchmarks.train_throughput.conv_forward", counting)
+    argv = ["--config", "tiny", "--data", str(data), "--device", "cpu", "--steps", "2"]
+    argv += ["--skip", "1", "--windows", "2", "--variants", "fp32-conv", "fp32"]
+    assert main(argv) == 0
+    assert len(calls) > 0 and decoder.WaveNetDecoder.forward is own
+    conv, ours = _rows(capsys.readouterr().out)
+    assert conv["variant"] == "fp32-conv" and ours["variant"] == "fp32"
+    assert conv["loss_first"] == pytest.approx(ours["loss_first"], rel=1e-5)

@@ -23,7 +23,7 @@ import torch
 from model.autoencoder import Autoencoder
 from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
-from tests.test_decoder import check_low_precision_sums, check_segment_sum
+from tests.test_decoder import check_low_precision_sums, check_sum_by_index
 from tests.test_train import (
     _assert_same,
     _ddp_windows,
@@ -70,26 +70,9 @@ def test_real_geometry_invariance_on_cuda():
     assert errors["ours"] <= TOLERANCE, errors
 
 
-def test_segment_sum_on_cuda_equals_the_gathers_own_backward():
-    check_segment_sum("cuda")
+def test_sum_by_index_on_cuda_equals_the_gathers_own_backward():
+    check_sum_by_index("cuda")
     check_low_precision_sums("cuda")
-
-
-def test_decreasing_conditioning_index_on_cuda_fails_loudly():
-    """The decoder's check is a device-side assert on CUDA (no host sync): a bad index kills
-    the process's CUDA context, so it runs in its own process."""
-    code = (
-        "import torch\n"
-        "from model.decoder import _check_non_decreasing\n"
-        "_check_non_decreasing(torch.arange(8, device='cuda')[None])\n"
-        "torch.cuda.synchronize()\n"
-        "print('increasing: ok', flush=True)\n"
-        "_check_non_decreasing(torch.arange(8, device='cuda').flip(0)[None])\n"
-        "torch.cuda.synchronize()\n"
-    )
-    done = run_process_group([sys.executable, "-c", code], timeout=120, cwd=ROOT)
-    assert "increasing: ok" in done.stdout, done.stderr[-2000:]
-    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
 
 
 def test_cuda_logits_equal_cpu_logits(data):

@@ -47,6 +47,7 @@ from training import distributed as dist
 from training.config import TrainConfig, load_model_config, load_train_config
 from training.data import Loader, MicroBatch, WindowSampler, fixed_windows, split_lengths
 from training.dataset import Dataset
+from training.host_memory import keep_freed_memory
 from training.loss import batch_loss
 
 EXIT_ERROR = 2
@@ -137,6 +138,8 @@ class Trainer:
     ):
         self.out = Path(out)
         self.device = _pick_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's activations reuse the last step's pages
         dist.init(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         if dist.is_initialized():
