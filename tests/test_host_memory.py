@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # glibc's own malloc settings.
 PROBE = """
 import resource, sys, tempfile
+import torch
+torch.set_num_threads(1)  # one malloc arena: the same count every run
 import training.train as tt
 from training.config import load_model_config, load_train_config
 if sys.argv[1] == "default":
