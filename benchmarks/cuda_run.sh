@@ -4,14 +4,14 @@
 #     bash benchmarks/cuda_run.sh DATA [OUT]     # DATA: a prepared dataset (python -m training.prepare)
 #
 # 1. the CUDA tests (tests/test_cuda.py: invariance, bf16, compile, resume, DDP, NCCL);
-# 2. benchmarks.gather_backward (the decoder's segment-sum backward against scatter_add, fp32
-#    and bf16) and benchmarks.train_step on CUDA (ours against the naive decoder, small and
+# 2. benchmarks.gather_backward (the decoder's one-hot backward against scatter_add and the
+#    segment sum, fp32 and bf16) and benchmarks.train_step on CUDA (ours against the naive decoder, small and
 #    default) at 2 and at 8 windows per step;
 # 3. benchmarks.train_throughput on DATA at default: fp32 and bf16 (profiled), each against
-#    its -scatter twin (PyTorch's gather backward), the same at 32 windows per step, bf16
-#    with train.deterministic (a process per variant, so that the cuBLAS workspace setting
-#    does not leak into the others), and bf16 under torch.compile (recompilations logged,
-#    profiled);
+#    its -conv twin (the decoder's earlier channel-major forward), the same at 32 windows per
+#    step, bf16 with train.deterministic (a process per variant, so that the cuBLAS workspace
+#    setting does not leak into the others), and bf16 under torch.compile against its -conv
+#    twin (recompilations logged, profiled);
 # 4. the whole float64 invariance grid on the GPU (python -m training.invariance --device cuda).
 # STAGES="pytest compile" runs only the stages named (env gather_backward pytest train_step
 # train_step_w8 throughput throughput_w32 deterministic compile invariance). Each stage has its own time
@@ -57,10 +57,10 @@ want gather_backward && stage gather_backward 60 bash -c 'rc=0; for d in float32
 want pytest && stage pytest 240 "$py" -m pytest -m gpu tests/test_cuda.py -v -s -p no:cacheprovider
 want train_step && stage train_step 90 "$py" -m benchmarks.train_step --devices cuda
 want train_step_w8 && stage train_step_w8 90 "$py" -m benchmarks.train_step --devices cuda --windows 8
-want throughput && stage throughput 200 "${bench[@]}" --variants fp32 fp32-scatter bf16 bf16-scatter --steps 15 --skip 5 --profile 2
+want throughput && stage throughput 200 "${bench[@]}" --variants fp32 fp32-conv bf16 bf16-conv --steps 15 --skip 5 --profile 2
 want throughput_w32 && stage throughput_w32 90 "${bench[@]}" --variants fp32 bf16 --windows 32 --steps 15 --skip 5
-want deterministic && stage deterministic 150 bash -c 'rc=0; for v in bf16-deterministic bf16-deterministic-scatter bf16; do "$@" --variants $v --steps 15 --skip 5 || rc=1; done; exit $rc' _ "${bench[@]}"
-want compile && stage compile 300 env TORCH_LOGS=recompiles "${bench[@]}" --variants bf16-compile bf16-compile-scatter --steps 12 --skip 8 --profile 1
+want deterministic && stage deterministic 150 bash -c 'rc=0; for v in bf16-deterministic bf16-deterministic-conv bf16; do "$@" --variants $v --steps 15 --skip 5 || rc=1; done; exit $rc' _ "${bench[@]}"
+want compile && stage compile 300 env TORCH_LOGS=recompiles "${bench[@]}" --variants bf16-compile bf16-compile-conv --steps 12 --skip 8 --profile 1
 want invariance && stage invariance 120 "$py" -m training.invariance --config tiny --device cuda
 echo "stages failed: $failed"
 [ "$failed" -eq 0 ]
