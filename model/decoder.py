@@ -34,7 +34,7 @@ def sum_by_index(grad: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.
     gradients are accumulated in fp32 by the matrix product (a bf16 running sum of 320 ones
     is 256).
     """
-    one_hot = F.one_hot(index, n_rows).to(grad.dtype)  # [B, T, n_rows]
+    one_hot = grad.new_zeros(*index.shape, n_rows).scatter_(2, index[..., None], 1)  # [B, T, n]
     return torch.bmm(one_hot.transpose(1, 2), grad)
 
 
