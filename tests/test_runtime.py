@@ -300,6 +300,22 @@ def test_decode_rejects_invalid_requests(tiny):
         codec.decode(codes.astype(np.float32))
 
 
+def test_a_voice_named_by_digits_is_that_voice_not_an_index(tiny):
+    """Names win over digit strings; other digit strings (and ints) are indices."""
+    _, out = tiny
+    codec = Codec(out)
+    n = codec.meta["model_config"]["decoder"]["n_speakers"]
+    assert n >= 2
+    codec.speakers = ["Ann", "0"] + codec.speakers[2:]
+    assert codec.speaker_index("0") == 1  # the voice named "0"
+    assert codec.speaker_index(0) == 0 and codec.speaker_index("Ann") == 0
+    assert codec.speaker_index("1") == 1  # no voice of that name: an index
+    with pytest.raises(ValueError, match="outside"):
+        codec.speaker_index(str(n))
+    with pytest.raises(ValueError, match="unknown speaker"):
+        codec.speaker_index("\u00b2")  # a digit to str.isdigit, not an index
+
+
 def test_codec_rejects_a_tampered_model_dir(tiny, tmp_path):
     _, out = tiny
     bad = tmp_path / "bad"

@@ -310,7 +310,11 @@ class Codec:
         return load_audio((sr, np.asarray(wav)), self.sample_rate, None)
 
     def speaker_index(self, speaker: int | str) -> int:
-        if isinstance(speaker, str) and not speaker.isdigit():
+        """A voice's index from its name or its index (an int, or a string of digits that is
+        not itself a voice's name: a voice named "2" is that voice, not index 2)."""
+        if isinstance(speaker, str) and speaker in self.speakers:
+            return self.speakers.index(speaker)
+        if isinstance(speaker, str) and not (speaker.isascii() and speaker.isdigit()):
             if speaker not in self.speakers:
                 raise ValueError(f"unknown speaker {speaker!r} (known: {self.speakers})")
             return self.speakers.index(speaker)
