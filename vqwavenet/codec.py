@@ -315,9 +315,7 @@ class Codec:
         if isinstance(speaker, str) and speaker in self.speakers:
             return self.speakers.index(speaker)
         if isinstance(speaker, str) and not (speaker.isascii() and speaker.isdigit()):
-            if speaker not in self.speakers:
-                raise ValueError(f"unknown speaker {speaker!r} (known: {self.speakers})")
-            return self.speakers.index(speaker)
+            raise ValueError(f"unknown speaker {speaker!r} (known: {self.speakers})")
         idx = int(speaker)
         n = self.meta["model_config"]["decoder"]["n_speakers"]
         if not 0 <= idx < n:
