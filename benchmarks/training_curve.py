@@ -19,9 +19,12 @@ import argparse
 import gzip
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 
 def read_history(path: Path) -> list[dict]:
@@ -31,6 +34,8 @@ def read_history(path: Path) -> list[dict]:
         records = [json.loads(line) for line in f if line.strip()]
     if not records:
         raise ValueError(f"{path}: no records")
+    if not all(isinstance(r, dict) and "step" in r for r in records):
+        raise ValueError(f"{path}: not a metrics.jsonl (a record without a step)")
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -52,12 +57,12 @@ def fit_slope(xs: list[float], ys: list[float]) -> Slope:
     n = len(xs)
     if n < 3:
         raise ValueError("need at least 3 points for a slope and its error")
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        raise ValueError("all points at one x")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
+    try:
+        slope, intercept = statistics.linear_regression(xs, ys)
+    except statistics.StatisticsError as e:  # all points at one x
+        raise ValueError(str(e)) from e
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    sxx = statistics.pvariance(xs) * n
     return Slope(slope, math.sqrt(residual / (n - 2) / sxx), n)
 
 
@@ -65,41 +70,31 @@ def valid_points(records: list[dict]) -> list[tuple[int, float]]:
     return [(r["step"], r["valid/ce"]) for r in records if "valid/ce" in r]
 
 
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
 def spans(records: list[dict], span: int) -> list[dict]:
-    """Per span of steps: mean training CE, validation CEs, mean codes in use."""
-    rows: dict[int, dict] = {}
+    """Per span of steps: mean training CE, mean validation CE, mean codes used in a step."""
+    groups: dict[int, list[dict]] = {}
     for r in records:
-        key = (r["step"] - 1) // span
-        row = rows.setdefault(key, {"first": r["step"], "last": r["step"], "ce": [], "valid": []})
-        row["last"] = r["step"]
-        if "loss/ce" in r:
-            row["ce"].append(r["loss/ce"])
-        if "valid/ce" in r:
-            row["valid"].append(r["valid/ce"])
-        if "vq/codes_used" in r:
-            row.setdefault("codes", []).append(r["vq/codes_used"])
-    out = []
-    for key in sorted(rows):
-        row = rows[key]
-        out.append(
-            {
-                "steps": f"{row['first']}-{row['last']}",
-                "train_ce": sum(row["ce"]) / len(row["ce"]) if row["ce"] else None,
-                "valid_ce": sum(row["valid"]) / len(row["valid"]) if row["valid"] else None,
-                "codes_used": sum(row["codes"]) / len(row["codes"]) if row.get("codes") else None,
-            }
-        )
-    return out
+        groups.setdefault((r["step"] - 1) // span, []).append(r)
+    return [
+        {
+            "steps": f"{group[0]['step']}-{group[-1]['step']}",
+            "train_ce": _mean([r["loss/ce"] for r in group if "loss/ce" in r]),
+            "valid_ce": _mean([r["valid/ce"] for r in group if "valid/ce" in r]),
+            "codes_used": _mean([r["vq/codes_used"] for r in group if "vq/codes_used" in r]),
+        }
+        for _, group in sorted(groups.items())
+    ]
 
 
-def running_mean(values: list[float], width: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= width:
-            total -= values[i - width]
-        out.append(total / min(i + 1, width))
-    return out
+def running_mean(values: list[float], width: int) -> np.ndarray:
+    """Mean of each value and the ``width - 1`` before it (fewer at the start)."""
+    total = np.cumsum(np.asarray(values, dtype=np.float64))
+    total[width:] -= total[:-width].copy()
+    return total / np.minimum(np.arange(1, len(values) + 1), width)
 
 
 def figure(records: list[dict], path: Path, smooth: int) -> None:
@@ -110,12 +105,14 @@ def figure(records: list[dict], path: Path, smooth: int) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.0), sharex=True)
     train = [(r["step"], r["loss/ce"]) for r in records if "loss/ce" in r]
-    steps, ce = zip(*train, strict=True)
-    top.plot(
-        steps, running_mean(list(ce), smooth), color="0.6", label=f"train CE ({smooth}-step mean)"
-    )
-    vs, vce = zip(*valid_points(records), strict=True)
-    top.plot(vs, vce, "o-", color="C0", label="validation CE")
+    if train:
+        steps, ce = zip(*train, strict=True)
+        top.plot(
+            steps, running_mean(ce, smooth), color="0.6", label=f"train CE ({smooth}-step mean)"
+        )
+    valid = valid_points(records)
+    if valid:
+        top.plot(*zip(*valid, strict=True), "o-", color="C0", label="validation CE")
     top.set_ylabel("CE (nats/sample)")
     top.legend(loc="lower left")
     ema = [(r["step"], r["vq/perplexity_ema"]) for r in records if "vq/perplexity_ema" in r]

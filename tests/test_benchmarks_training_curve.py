@@ -59,3 +59,18 @@ def test_bad_input_is_a_usage_error(tmp_path):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         tc.main([str(tmp_path / "missing.jsonl")])
+
+
+def test_a_run_without_validations_has_no_slope_but_a_figure(tmp_path, capsys):
+    """A short run (no validation yet) reports why there is no slope and still draws."""
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss/ce": 3.0}) + "\n" for s in (1, 2, 3)))
+    figure = tmp_path / "short.png"
+    assert tc.main([str(path), "--figure", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "no slope" in out and figure.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"loss/ce": 3.0}\n')
+    with pytest.raises(SystemExit) as e:
+        tc.main([str(bad)])
+    assert e.value.code == 2
