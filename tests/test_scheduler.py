@@ -92,22 +92,31 @@ def test_playback_stream_yields_its_own_audio_in_order(codec, monkeypatch):
     """A playback stream of more segments than it may run at once (`Codec.playback_rows`)
     yields several chunks, in order, that concatenate to `decode` with the same segments, with
     a progress that only grows, and after the first chunk at most one per ``interval``; a
-    stream beside it does the same with its own audio."""
+    stream beside it does the same with its own audio. Each stream has its own listener
+    thread, and the first chunk goes on the first final audio (when a player may start is
+    `_may_start`'s test): how many chunks come then depends on how the audio becomes final,
+    not on when a listener that was busy with the other stream asks."""
     codec.playback_rows = 3
     (a, n), (b, m) = random_codes(codec, 1.5, 1), random_codes(codec, 1.1, 2)
     want_a = codec.decode(a, 1, 4, n_samples=n, segment=codec.min_segment)
     want_b = codec.decode(b, 2, 6, n_samples=m, segment=codec.min_segment)
-    step = steps.StepBatch.run  # steps as slow as a real model's: the chunks come over time
+    assert -(-n // codec.min_segment) > 2 * codec.playback_rows  # three waves of rows or more
+    monkeypatch.setattr(Codec, "_may_start", lambda *args: 0.0)
+    step = steps.StepBatch.run  # steps as slow as a real model's: the waves take their time
     monkeypatch.setattr(steps.StepBatch, "run", lambda b, s: (time.sleep(1e-4), step(b, s)))
     seen: list[int] = []
     first = codec.decode_stream(a, 1, 4, lambda d, t: seen.append(d), n_samples=n, interval=0.01)
     second = codec.decode_stream(b, 2, 6, n_samples=m, interval=0.1)
-    chunks_a, chunks_b = [next(first)], [next(second)]
-    times = [time.monotonic()]
-    chunks_a += list(first)
-    for chunk in second:
-        chunks_b.append(chunk)
-        times.append(time.monotonic())
+
+    def listen(stream) -> tuple[list[np.ndarray], list[float]]:
+        chunks, times = [], []
+        for chunk in stream:
+            chunks.append(chunk)
+            times.append(time.monotonic())
+        return chunks, times
+
+    with ThreadPoolExecutor(2) as pool:
+        (chunks_a, _), (chunks_b, times) = pool.map(listen, [first, second])
     assert len(chunks_a) >= 3 and len(chunks_b) >= 2
     np.testing.assert_array_equal(np.concatenate(chunks_a), want_a)
     np.testing.assert_array_equal(np.concatenate(chunks_b), want_b)
