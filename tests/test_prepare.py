@@ -296,6 +296,17 @@ def test_asterisk_rejects_unknown_languages(tmp_path, capsys):
     assert e.value.code != 0 and "xx" in capsys.readouterr().err
 
 
+def test_english_prompts_bring_their_transcripts_package():
+    """The evaluation's word error rates need the English transcripts: preparing English
+    prompts installs their package too, and only then."""
+    assert prep.asterisk_packages(["en", "fr"]) == [
+        "asterisk-core-sounds-en-g722",
+        "asterisk-core-sounds-fr-g722",
+        "asterisk-core-sounds-en",
+    ]
+    assert prep.asterisk_packages(["fr"]) == ["asterisk-core-sounds-fr-g722"]
+
+
 def test_install_refuses_clearly_without_root(monkeypatch):
     monkeypatch.setattr(prep.os, "geteuid", lambda: 1000)
     with pytest.raises(PermissionError, match="asterisk-core-sounds-fr-g722.*root"):

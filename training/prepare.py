@@ -4,7 +4,8 @@
     python -m training.prepare --corpus asterisk --out data/asterisk
     python -m training.prepare --corpus folder --root /data/LibriSpeech --out data/libri
 
-``asterisk`` installs the Debian G.722 prompt packages (en, es, fr, it, ru) when missing and reads
+``asterisk`` installs the Debian G.722 prompt packages (en, es, fr, it, ru) when missing (with
+English, also the package of its transcripts, for the evaluation's word error rates) and reads
 them from /usr/share/asterisk/sounds; the speaker is the voice of the folder (es_MX_f_Allison and
 en_US_f_Allison are one voice: 4 speakers in all). ``fillets`` installs the Debian package
 fillets-ng-data-nl (Dutch acted dialogue of the game Fish Fillets, 22.05 kHz Ogg Vorbis; licence
@@ -49,6 +50,7 @@ from tqdm import tqdm
 from model.autoencoder import Autoencoder
 from training.config import load_model_config, resolve_path
 from training.dataset import SPLITS, DatasetWriter, split_of
+from training.transcripts import PACKAGE as TRANSCRIPTS_PACKAGE
 
 ASTERISK_ROOT = Path("/usr/share/asterisk/sounds")
 ASTERISK_LANGUAGES = ("en", "es", "fr", "it", "ru")
@@ -86,7 +88,10 @@ class Source:
 
 
 def asterisk_packages(languages) -> list[str]:
-    return [f"asterisk-core-sounds-{lang}-g722" for lang in languages]
+    """The G.722 prompt packages of ``languages``; with English also ``asterisk-core-sounds-en``,
+    whose transcripts `training.evaluate` scores word error rates against."""
+    packages = [f"asterisk-core-sounds-{lang}-g722" for lang in languages]
+    return packages + ([TRANSCRIPTS_PACKAGE] if "en" in languages else [])
 
 
 def missing_packages(packages: list[str]) -> list[str]:
