@@ -18,6 +18,7 @@ from model.decoder import WaveNetDecoder
 from model.encoder import Encoder
 from model.features import MFCC
 from model.geometry import CodecGeometry, Conv, hull
+from model.input_noise import noisy_classes
 from model.jitter import slot_frames
 from model.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -145,10 +146,16 @@ class Autoencoder(nn.Module):
         first = self.decoder.wavenet_layers()[0].span
         times = win.t0[:, None] + torch.arange(-ctx + first, n, device=wave.device)
         cond_index = (geo.cond_index(times) - k0).clamp(0, cond.shape[-1] - 1)
-        ar = win.t0[:, None] - 1 + torch.arange(-ctx, n, device=wave.device) - win.start[:, None]
+        past = win.t0[:, None] - 1 + torch.arange(-ctx, n, device=wave.device)  # absolute
+        ar = past - win.start[:, None]
         samples = wave.gather(1, ar.clamp(0, wave.shape[1] - 1))
         q_ch = self.cfg.decoder.quantization_channels
         classes = mulaw.encode(samples, q_ch)
+        sigma = self.cfg.decoder.input_noise if self.training else 0.0
+        if sigma > 0:
+            classes = noisy_classes(
+                classes, q_ch, sigma, seed=win.seed, epoch=win.epoch, utt=win.utt, index=past
+            )
         logits = self.decoder(classes, cond, cond_index)
         mask = torch.arange(n, device=wave.device)[None] < win.n_valid[:, None]
         out = AutoencoderOutput(

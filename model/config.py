@@ -8,6 +8,7 @@ wrong model. `to_dict` gives the resolved config that travels with checkpoints a
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -55,6 +56,9 @@ class QuantizerConfig:
 @dataclass
 class DecoderConfig:
     jitter_probability: float = 0.12
+    # Std, in mu-law classes, of the noise on the autoregressive input in training
+    # (`model.input_noise`); 0: the clean past.
+    input_noise: float = 0.0
     cond_kernel: int = 3
     cond_channels: int = 128
     n_speakers: int = 4
@@ -89,6 +93,8 @@ class ModelConfig:
             raise ValueError("an EMA codebook weights its statistics by usage: beta must be > 0")
         if not 0 <= self.decoder.jitter_probability <= 1:
             raise ValueError("decoder.jitter_probability must lie in [0, 1]")
+        if not (math.isfinite(self.decoder.input_noise) and self.decoder.input_noise >= 0):
+            raise ValueError("decoder.input_noise must be a finite number >= 0")
         f = self.features
         if f.win_length != f.n_fft:
             raise ValueError("features.win_length must equal features.n_fft (no zero padding)")

@@ -71,6 +71,29 @@ def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances()
         assert errors["naive"] > CONTROL_FLOOR, errors
 
 
+def test_invariance_holds_with_noise_on_the_autoregressive_input(monkeypatch):
+    """`model.input_noise` moves each past sample the decoder reads by a draw of its absolute
+    index, so every window reads the same noisy past and the proof holds. Control: the same
+    draws by position within the window (a per-window draw) give each single-prediction pass
+    another past than the batched window, and the comparison fails."""
+    from model import autoencoder
+
+    cfg = load_model_config("tiny")
+    cfg.decoder.input_noise = 3.0
+    model = prepare(cfg, width=8, jitter=0.5)
+    for case in (Case(17, 1, True), Case(55, 8, False)):
+        errors = run_case(model, case, methods=("ours",), splits=(1, 3))
+        assert errors["ours"] <= TOLERANCE and errors["ours/split3"] <= TOLERANCE, errors
+    draw = autoencoder.noisy_classes
+    monkeypatch.setattr(
+        autoencoder,
+        "noisy_classes",
+        lambda c, q, sigma, *, index, **kw: draw(c, q, sigma, index=index - index[:, :1], **kw),
+    )
+    errors = run_case(model, Case(17, 1, True), methods=("ours",))
+    assert errors["ours"] > CONTROL_FLOOR, errors
+
+
 def test_brute_force_in_chunks_of_windows_equals_one_window_per_pass(tiny):
     """Stacking single-prediction windows as rows of one pass (what the real-geometry test
     does, for speed) gives the one-window-per-pass brute force: rows never interact."""
