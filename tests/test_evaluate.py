@@ -22,6 +22,7 @@ from training.dataset import DatasetWriter
 from training.evaluate import (
     code_stats,
     constant_codes,
+    envelope_correlation,
     log_mel,
     log_mel_distance,
     main,
@@ -155,6 +156,18 @@ def test_metrics_score_a_clip_against_itself_at_their_best():
     assert math.isnan(stoi_score(x[:1000], x[:1000], 16000))  # too short: no score
 
 
+def test_the_envelope_correlation_tells_a_contour_that_follows_from_one_that_does_not():
+    """A quieter copy follows the original's loudness (r = 1), light noise barely moves it; the
+    same speech played backwards, or steady noise, does not follow it."""
+    x = pcm("agent-newlocation").astype(np.float64) / 32768
+    rng = np.random.default_rng(0)
+    assert envelope_correlation(x, 0.3 * x, 16000) > 0.99
+    assert envelope_correlation(x, x + 0.002 * rng.standard_normal(len(x)), 16000) > 0.9
+    assert envelope_correlation(x, x[::-1], 16000) < 0.5
+    assert abs(envelope_correlation(x, 0.1 * rng.standard_normal(len(x)), 16000)) < 0.2
+    assert math.isnan(envelope_correlation(x, np.zeros_like(x), 16000))
+
+
 def test_code_statistics_and_the_code_variants():
     stats = code_stats([np.array([0, 0, 1]), np.array([1])], codebook_size=4, frame_rate=50)
     assert stats == {"used": 2, "codebook_size": 4, "perplexity": 2.0, "bits_per_second": 50.0}
@@ -233,8 +246,9 @@ def test_word_error_rates_come_from_the_transcripts(report):
 def test_table_and_card_show_the_rows(report):
     _, out, data, card = report
     header = (
-        "| group | utts | seconds | STOI | PESQ-WB | log-mel dist. | WER original | WER resynth "
-        "| CE true | CE permuted | CE constant | codes used/K | perplexity | bits/s | RTF |"
+        "| group | utts | seconds | STOI | PESQ-WB | log-mel dist. | envelope r | WER original "
+        "| WER resynth | CE true | CE permuted | CE constant | codes used/K | perplexity | bits/s "
+        "| RTF |"
     )
     assert header in out and markdown_table(data["rows"]) in out
     for r in data["rows"]:

@@ -18,7 +18,9 @@ Per group (each seen speaker, all seen speakers together, each held-out voice):
 - STOI and wide-band PESQ of the resynthesis against the original (`pystoi`, `pesq`), means
   over utterances; an utterance too short for a score (pystoi: under 30 frames of speech;
   PESQ: no speech found) is left out of that mean.
-- log-mel distance (`log_mel_distance`), the mean over utterances.
+- log-mel distance (`log_mel_distance`) and the correlation of the loudness contours
+  (`envelope_correlation`: does the resynthesis get loud and quiet where the original does),
+  means over utterances.
 - word error rate of an offline recogniser (pocketsphinx's default US English model) on the
   originals and on the resynthesis, over the utterances with an English transcript
   (`training.transcripts`): total word errors over total reference words.
@@ -102,6 +104,19 @@ def log_mel_distance(reference: np.ndarray, degraded: np.ndarray, sr: int) -> fl
     mel bands (nats), the longer signal cut to the shorter."""
     n = min(len(reference), len(degraded))
     return float(np.abs(log_mel(reference[:n], sr) - log_mel(degraded[:n], sr)).mean())
+
+
+def envelope_correlation(reference: np.ndarray, degraded: np.ndarray, sr: int) -> float:
+    """Pearson correlation of the two signals' loudness contours: the log of each `log_mel`
+    frame's total mel power, over the frames both have. 1: the resynthesis rises and falls
+    with the original (a gain or a filter leaves it near 1); near 0: its loudness ignores the
+    original's, as when a decoder fills pauses and drops syllables whatever the codes say.
+    NaN for a contour without variation (a constant signal)."""
+    n = min(len(reference), len(degraded))
+    a, b = (np.logaddexp.reduce(log_mel(x[:n], sr), axis=1) for x in (reference, degraded))
+    if np.ptp(a) < 1e-6 or np.ptp(b) < 1e-6:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def stoi_score(reference: np.ndarray, degraded: np.ndarray, sr: int) -> float:
@@ -429,6 +444,7 @@ def evaluate_group(
         r["stoi"] = stoi_score(ref, deg, SCORE_RATE)
         r["pesq"] = pesq_score(ref, deg, SCORE_RATE)
         r["log_mel"] = log_mel_distance(ref, deg, SCORE_RATE)
+        r["envelope"] = envelope_correlation(ref, deg, SCORE_RATE)
         reference = transcripts.reference(r["id"]) if transcripts is not None else None
         if recogniser is not None and reference is not None:
             r["reference"] = reference
@@ -466,6 +482,7 @@ def summarise(
         "stoi": _mean(r["stoi"] for r in records),
         "pesq": _mean(r["pesq"] for r in records),
         "log_mel": _mean(r["log_mel"] for r in records),
+        "envelope": _mean(r.get("envelope") for r in records),
     }
     scored = [r for r in records if "words" in r]
     words = sum(r["words"] for r in scored)
@@ -574,6 +591,7 @@ COLUMNS = (
     ("stoi", "STOI", "{:.3f}"),
     ("pesq", "PESQ-WB", "{:.2f}"),
     ("log_mel", "log-mel dist.", "{:.3f}"),
+    ("envelope", "envelope r", "{:.2f}"),
     ("wer_original", "WER original", "{:.1%}"),
     ("wer_resynth", "WER resynth", "{:.1%}"),
     ("ce_true", "CE true", "{:.3f}"),
