@@ -253,6 +253,7 @@ def test_decode_many_batches_requests_of_different_lengths(tiny):
     seen = []
     codec.decode(reqs[0].codes, n_samples=3000, progress=lambda d, t: seen.append((d, t)))
     assert seen and seen[-1][0] == seen[-1][1] > 3000
+    assert codec.decode_many([]) == []  # nothing to decode (a script's empty folder)
 
 
 def test_requests_decode_alike_alone_and_batched_in_fp32_and_int8(tmp_path):

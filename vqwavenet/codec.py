@@ -458,7 +458,10 @@ class Codec:
         overlap: int | None = None,
         burn_in: int | None = None,
     ) -> list[np.ndarray]:
-        """Decode several utterances as one batch of folded segments (see the module doc)."""
+        """Decode several utterances as one batch of folded segments (see the module doc); no
+        requests, no waves."""
+        if not requests:
+            return []
         plan = self.plan(requests, segment, overlap, burn_in)
         results = self.engine.run(plan.streams, plan.cond, progress)
         return [
