@@ -46,7 +46,7 @@ import torch
 
 from benchmarks.recipes import resolved, to_toml
 from training import checkpoint as ckpt_io
-from training.config import load_model_config, load_train_config
+from training.config import load_model_config, load_train_config, parse_setting
 from training.data import fixed_windows, split_lengths
 from training.loss import LossTerms, batch_loss, prediction_losses
 from training.train import Trainer
@@ -341,17 +341,6 @@ def figure(records: list[dict], path: Path) -> None:
 # --- command line ----------------------------------------------------------------------------
 
 
-def _setting(item: str) -> tuple[str, object]:
-    """``table.key=value`` as (dotted key, JSON value; a bare word is a string)."""
-    key, sep, value = item.partition("=")
-    if not sep or "." not in key:
-        raise ValueError(f"expected TABLE.KEY=VALUE, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.window_losses",
@@ -390,7 +379,7 @@ def main(argv=None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
     try:
-        args.set = dict(_setting(item) for item in args.set or [])
+        args.set = dict(parse_setting(item) for item in args.set or [])
     except ValueError as e:
         parser.error(f"--set: {e}")
     if args.quick:

@@ -104,10 +104,3 @@ def test_quick_grid_trains_logs_summarises_and_resumes(data, tmp_path, capsys):
     assert again[0]["final"]["valid/ce"] == pytest.approx(runs[0]["final"]["valid/ce"])
     for before, after in zip(runs[1:], again[1:], strict=True):
         assert before == after
-
-
-def test_settings_parse_as_json_or_words():
-    assert wl._setting("train.lr=1e-3") == ("train.lr", 1e-3)
-    assert wl._setting("train.decay=cosine") == ("train.decay", "cosine")
-    with pytest.raises(ValueError, match="TABLE.KEY=VALUE"):
-        wl._setting("lr=1")

@@ -27,7 +27,13 @@ from tests.conftest import run_process_group
 from tests.test_data import tiny_train_config, write_clip_dataset
 from training import checkpoint as ckpt_io
 from training import train as train_mod
-from training.config import TrainConfig, load_model_config, load_train_config
+from training.config import (
+    TrainConfig,
+    load_model_config,
+    load_train_config,
+    parse_setting,
+    with_settings,
+)
 from training.data import Loader, Window
 from training.dataset import Dataset
 
@@ -138,6 +144,68 @@ def test_feature_statistics_come_from_stats_json_only_when_its_features_match(tm
     assert mean.tolist() != list(range(dim)) and torch.isfinite(mean).all()
     assert float(trainer.model.features.std.min()) > 0
     assert "computed from 4 train utterances" in capsys.readouterr().err
+
+
+def test_settings_parse_as_json_or_words_and_are_checked_as_a_config_is():
+    assert parse_setting("train.lr=1e-3") == ("train.lr", 1e-3)
+    assert parse_setting("train.decay=cosine") == ("train.decay", "cosine")
+    with pytest.raises(ValueError, match="TABLE.KEY=VALUE"):
+        parse_setting("lr=1")
+    model, train = load_model_config("tiny"), load_train_config("tiny")
+    m, t = with_settings(
+        model,
+        train,
+        {"train.lr": 1e-3, "model.decoder.input_noise": 2, "model.encoder.channels": 8},
+        weights_fixed=False,
+    )
+    assert (t.lr, m.decoder.input_noise, m.encoder.channels) == (1e-3, 2, 8)
+    assert (train.lr, model.decoder.input_noise) != (1e-3, 2)  # the inputs are left as they were
+    for bad, match in (
+        ({"train.lrr": 1.0}, "no such setting"),
+        ({"model.decoderr.input_noise": 1.0}, "no table"),
+        ({"train.windows": "four"}, "windows"),
+        ({"model.decoder.input_noise": -1.0}, "input_noise"),
+        ({"optim.lr": 1.0}, "train.KEY"),
+    ):
+        with pytest.raises((KeyError, TypeError, ValueError), match=match):
+            with_settings(model, train, bad, weights_fixed=False)
+    # From a checkpoint, the weights fix the architecture; training-time settings may change.
+    with pytest.raises(ValueError, match="weights fix it"):
+        with_settings(model, train, {"model.encoder.channels": 8}, weights_fixed=True)
+    m, _ = with_settings(
+        model, train, {"model.decoder.jitter_probability": 0.3}, weights_fixed=True
+    )
+    assert m.decoder.jitter_probability == 0.3
+
+
+def test_a_run_continued_with_set_trains_with_its_settings_and_keeps_them(data, tmp_path, capsys):
+    """``--resume-from CKPT --set ...`` continues the saved run (weights, optimiser, data
+    order) with other training-time settings, and its checkpoints carry them; ``--resume``
+    refuses ``--set`` (a resume is bit for bit), and so does a setting the weights fix."""
+    cfg = tiny_train_config(tmp_path / "t.toml", checkpoint_every=2)
+    argv = ["--config", str(cfg), "--data", str(data), "--no-progress"]
+    assert train_mod.main([*argv, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    kept = ckpt_io.checkpoint_path(tmp_path / "a", 2)
+    noisy = ["--set", "model.decoder.input_noise=2.5", "train.lr=1e-3"]
+    branch = [*argv, "--out", str(tmp_path / "b"), "--resume-from", str(kept), *noisy]
+    assert train_mod.main([*branch, "--steps", "4"]) == 0
+    assert "settings: model.decoder.input_noise = 2.5, train.lr = 0.001" in capsys.readouterr().err
+    saved = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "b", 4))
+    assert saved["model_config"]["decoder"]["input_noise"] == 2.5
+    assert saved["train_config"]["lr"] == 1e-3
+    plain = [*argv, "--out", str(tmp_path / "c"), "--resume-from", str(kept), "--steps", "4"]
+    assert train_mod.main(plain) == 0
+    other = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "c", 4))
+    assert not torch.equal(
+        saved["model"]["decoder.embed.weight"], other["model"]["decoder.embed.weight"]
+    )
+    resumed = [*argv, "--out", str(tmp_path / "a"), "--resume", "--steps", "4", *noisy]
+    assert train_mod.main(resumed) == train_mod.EXIT_ERROR
+    assert "--resume-from" in capsys.readouterr().err
+    fixed = [*argv, "--out", str(tmp_path / "d"), "--resume-from", str(kept)]
+    assert train_mod.main([*fixed, "--set", "model.encoder.channels=8"]) == train_mod.EXIT_ERROR
+    assert "weights fix it" in capsys.readouterr().err
+    assert train_mod.main([*fixed, "--set", "lr=1"]) == train_mod.EXIT_ERROR
 
 
 # --- exact resume ------------------------------------------------------------------------------

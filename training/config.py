@@ -4,11 +4,12 @@ types rejected). The ``[model]`` table overrides `model.config.ModelConfig` the 
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import ModelConfig, from_dict
+from model.config import ModelConfig, from_dict, to_dict
 
 # The config files: `configs/` in a checkout, shipped inside this package when installed.
 _PACKAGED = Path(__file__).resolve().parent / "configs"
@@ -105,3 +106,61 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """The ``[model]`` table of a config file, over the defaults."""
     data = load_toml(name_or_path)
     return from_dict(ModelConfig, data.get("model", {}), "model").validate()
+
+
+# Model settings that act only in training: a run continued from a checkpoint may change them,
+# since the weights do not depend on them (every other model setting is fixed by the weights).
+TRAINING_ONLY_MODEL_KEYS = frozenset(
+    {
+        "quantizer.beta",
+        "quantizer.ema_decay",
+        "quantizer.dead_code_threshold",
+        "decoder.jitter_probability",
+        "decoder.input_noise",
+    }
+)
+
+
+def parse_setting(item: str) -> tuple[str, object]:
+    """``TABLE.KEY=VALUE`` as (dotted key, value): VALUE is JSON, or else a bare string."""
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"expected TABLE.KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def with_settings(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    settings: dict[str, object],
+    *,
+    weights_fixed: bool,
+) -> tuple[ModelConfig, TrainConfig]:
+    """The two configs with ``settings`` (``train.KEY`` or ``model.TABLE.KEY``) applied, checked
+    as a config file is (unknown keys, wrong types and bad values rejected). Where the weights
+    come from a checkpoint (``weights_fixed``), only `TRAINING_ONLY_MODEL_KEYS` of the model
+    may change."""
+    model, train = to_dict(model_cfg), to_dict(train_cfg)
+    for dotted, value in settings.items():
+        top, _, rest = dotted.partition(".")
+        if top not in ("model", "train") or not rest:
+            raise ValueError(f"{dotted}: settings are train.KEY or model.TABLE.KEY")
+        if top == "model" and weights_fixed and rest not in TRAINING_ONLY_MODEL_KEYS:
+            allowed = ", ".join(f"model.{k}" for k in sorted(TRAINING_ONLY_MODEL_KEYS))
+            raise ValueError(f"{dotted}: the checkpoint's weights fix it (may change: {allowed})")
+        *tables, key = rest.split(".")
+        node = model if top == "model" else train
+        for table in tables:
+            if not isinstance(node.get(table), dict):
+                raise ValueError(f"{dotted}: no table {table!r}")
+            node = node[table]
+        if key not in node:
+            raise ValueError(f"{dotted}: no such setting")
+        node[key] = value
+    return (
+        from_dict(ModelConfig, model, "model").validate(),
+        from_dict(TrainConfig, train, "train").validate(),
+    )

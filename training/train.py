@@ -44,7 +44,13 @@ from model.autoencoder import Autoencoder
 from model.config import ModelConfig, from_dict, to_dict
 from training import checkpoint as ckpt_io
 from training import distributed as dist
-from training.config import TrainConfig, load_model_config, load_train_config
+from training.config import (
+    TrainConfig,
+    load_model_config,
+    load_train_config,
+    parse_setting,
+    with_settings,
+)
 from training.data import Loader, MicroBatch, WindowSampler, fixed_windows, split_lengths
 from training.dataset import Dataset
 from training.host_memory import keep_freed_memory
@@ -135,6 +141,7 @@ class Trainer:
         resume: bool = False,
         resume_from: str | Path | None = None,
         init_from: str | Path | None = None,
+        settings: dict[str, object] | None = None,
     ):
         self.out = Path(out)
         self.device = _pick_device(device)
@@ -175,6 +182,22 @@ class Trainer:
             if to_dict(saved_train) != to_dict(train_cfg):
                 log("note: resuming with the checkpoint's [train] settings, not the file's")
             train_cfg = saved_train
+        if settings:
+            if resume:
+                raise TrainingError(
+                    "--set with --resume: a resumed run continues as it was saved; continue it "
+                    "with other settings into a new directory with --resume-from"
+                )
+            try:
+                model_cfg, train_cfg = with_settings(
+                    model_cfg,
+                    train_cfg,
+                    settings,
+                    weights_fixed=state is not None or init is not None,
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrainingError(f"--set: {exc}") from exc
+            log("settings: " + ", ".join(f"{k} = {v!r}" for k, v in settings.items()))
         self.model_cfg, self.cfg = model_cfg, train_cfg
         cfg = train_cfg
         if cfg.deterministic:
@@ -554,6 +577,15 @@ def get_parser() -> argparse.ArgumentParser:
         help="start a new run from these weights (training.warm_start rebuilds them from an "
         "exported model); optimiser, schedule and data order start afresh",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="change a setting over the config (or the checkpoint's, with --resume-from or "
+        "--init-from), e.g. train.compile=false or model.decoder.input_noise=2; VALUE is JSON. "
+        "From a checkpoint only training-time model settings may change",
+    )
     p.add_argument("--steps", type=int, help="stop after this optimiser step (default: total)")
     p.add_argument(
         "--minutes",
@@ -584,6 +616,10 @@ def run(args: argparse.Namespace) -> int:
             raise TrainingError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     try:
+        settings = dict(parse_setting(item) for item in args.set)
+    except ValueError as exc:
+        raise TrainingError(f"--set: {exc}") from exc
+    try:
         model_cfg, train_cfg = load_model_config(args.config), load_train_config(args.config)
     except (FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         raise TrainingError(f"config {args.config}: {exc}") from exc
@@ -596,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         resume_from=args.resume_from,
         init_from=args.init_from,
+        settings=settings,
     )
     cfg = trainer.cfg
     stop = args.steps if args.steps is not None else cfg.total_steps
