@@ -4,6 +4,8 @@
     python -m training.train --config small --data data/vctk --out runs/small --resume
     python -m training.train --config small --data D --out runs/new --resume-from latest.pt
     python -m training.train --config small --data D --out runs/new --init-from warm.pt
+    python -m training.train --config small --data D --out runs/b --resume-from latest.pt \
+        --set model.decoder.input_noise=3 train.compile=false    # a branch of the run
     torchrun --nproc_per_node 8 -m training.train --config default --data D --out runs/big
 
 One optimiser step = ``accumulation`` micro-batches of ``windows`` windows of N consecutive
@@ -19,6 +21,9 @@ codebook buffers, every rank's RNG states, sampler position, best validation CE,
 so ``--resume`` continues bit for bit: on CPU always, on CUDA with ``train.deterministic`` (CUDA's
 atomic adds otherwise change the last bits from run to run; tests/test_cuda.py). A NaN/Inf loss
 or gradient skips the step; ``max_bad_steps`` in a row write a checkpoint and exit with status 3.
+``--set`` changes settings over the config file's, or over a checkpoint's (``--resume-from``,
+``--init-from``: there only the training-time model settings,
+`training.config.TRAINING_ONLY_MODEL_KEYS`).
 """
 
 from __future__ import annotations
