@@ -18,7 +18,7 @@ from training.windows import Utterance, WindowSpec, make_batch
 def test_offsets_are_rounded_normal_draws_of_the_given_std():
     z = noise_offsets(3.0, 7, 1, torch.tensor([5]), torch.arange(100_000)[None]).double()
     assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - (9 + 1 / 12) ** 0.5) < 0.05
-    assert z.dtype == torch.float64 and torch.equal(z, z.round())
+    assert torch.equal(z, z.round())  # whole classes
     assert noise_offsets(0.0, 7, 1, torch.tensor([5]), torch.arange(100)[None]).abs().sum() == 0
 
 
