@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.evaluate import COLUMNS as EVALUATE_COLUMNS
+from training.evaluate import format_cell
+
 STEP_GRAPH = "decoder_step.onnx"
 
 
@@ -71,13 +74,9 @@ def with_temperature(model_dir: Path, out: Path, temperature: float) -> Path:
     return out
 
 
-COLUMNS = (
-    ("stoi", "STOI", "{:.3f}"),
-    ("envelope", "envelope r", "{:.2f}"),
-    ("log_mel", "log-mel dist.", "{:.3f}"),
-    ("wer_original", "WER original", "{:.1%}"),
-    ("wer_resynth", "WER resynth", "{:.1%}"),
-)
+# The evaluation's columns that sampling changes.
+SCORES = ("stoi", "envelope", "log_mel", "wer_original", "wer_resynth")
+COLUMNS = tuple(next(c for c in EVALUATE_COLUMNS if c[0] == key) for key in SCORES)
 
 
 def table(records: list[dict]) -> str:
@@ -85,9 +84,7 @@ def table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = [f"{r['temperature']:g}", str(r["seed"]), r["group"]]
-        for key, _, fmt in COLUMNS:
-            value = r.get(key)
-            cells.append("–" if value is None else fmt.format(value))
+        cells += [format_cell(r, key, fmt) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -604,7 +604,8 @@ COLUMNS = (
 )
 
 
-def _cell(row: dict, key: str, fmt: str | None) -> str:
+def format_cell(row: dict, key: str, fmt: str | None) -> str:
+    """One `COLUMNS` cell of a row (``–``: not measured)."""
     if key == "used":
         return f"{row['used']}/{row['codebook_size']}"
     value = row.get(key)
@@ -620,7 +621,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_cell(row, k, f) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines)
 
 
