@@ -26,6 +26,7 @@ from pathlib import Path
 
 from app.scratch import private_gradio_cache
 from app.service import DEFAULT_MAX_SECONDS, DEFAULT_MODEL, CodecService, ModelLoadError
+from vqwavenet.codec import Codec
 from vqwavenet.steps import StepEngine
 
 
@@ -62,6 +63,19 @@ def get_parser() -> argparse.ArgumentParser:
         f"{StepEngine.max_requests}); decodes share its step batches",
     )
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting at most")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=StepEngine.max_rows,
+        help="rows each decoding worker runs in one step batch (more suit more cores)",
+    )
+    p.add_argument(
+        "--playback-rows",
+        type=int,
+        default=Codec.playback_rows,
+        help="segments one streamed playback decodes at once (more: faster alone, "
+        "fewer: fairer beside others)",
+    )
     p.add_argument("--share", action="store_true", help="also open a public Gradio link")
     p.add_argument(
         "--auth-file",
@@ -126,6 +140,8 @@ def main(argv=None) -> int:
         parser.error(f"--max-seconds must be a positive number, got {args.max_seconds}")
     if (args.concurrency is not None and args.concurrency < 1) or args.queue_size < 1:
         parser.error("--concurrency and --queue-size must be >= 1")
+    if args.max_rows < 1 or args.playback_rows < 1:
+        parser.error("--max-rows and --playback-rows must be >= 1")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     exposed = args.share or not is_loopback(args.host)
@@ -146,7 +162,13 @@ def main(argv=None) -> int:
     private_gradio_cache()  # before Gradio is imported: some of its modules read it then
     _stop_on_sigterm()
     try:
-        service = CodecService(args.model, max_seconds=args.max_seconds, int8=args.int8)
+        service = CodecService(
+            args.model,
+            max_seconds=args.max_seconds,
+            int8=args.int8,
+            max_rows=args.max_rows,
+            playback_rows=args.playback_rows,
+        )
     except ModelLoadError as e:
         return fatal(str(e))
     from app.ui import serve  # gradio is slow to import: only after the model loads

@@ -56,6 +56,9 @@ class CodecService:
         workers: generation threads of the engine (default: its own choice).
         int8: decode with the int8 graphs (``python -m export --int8``; faster in large
             batches, slightly less exact).
+        max_rows: rows each of the decoder's workers runs at once (default: the engine's);
+            a machine with more cores than these runs more rows per step batch.
+        playback_rows: segments one playback stream decodes at once (default: the codec's).
     """
 
     def __init__(
@@ -65,9 +68,14 @@ class CodecService:
         max_seconds: float | None = DEFAULT_MAX_SECONDS,
         workers: int | None = None,
         int8: bool = False,
+        max_rows: int | None = None,
+        playback_rows: int | None = None,
     ):
         if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
             raise ValueError(f"max_seconds must be a positive number, got {max_seconds}")
+        for name, rows in (("max_rows", max_rows), ("playback_rows", playback_rows)):
+            if rows is not None and rows < 1:
+                raise ValueError(f"{name} must be >= 1, got {rows}")
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "model.json").is_file():
             raise ModelLoadError(
@@ -80,6 +88,10 @@ class CodecService:
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
         except Exception as e:  # onnxruntime raises its own exception types on a bad graph
             raise ModelLoadError(f"cannot load the model in {self.model_dir}: {e}") from e
+        if max_rows is not None:
+            self.codec.max_rows = max_rows
+        if playback_rows is not None:
+            self.codec.playback_rows = playback_rows
         self.max_seconds = None if max_seconds is None else float(max_seconds)
         self.model_ref = ModelRef(self.codec.model_id, self.codec.codes_hash)
 
