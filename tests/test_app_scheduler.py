@@ -163,20 +163,29 @@ def codec_request(codec, seconds: float):
 def test_app_flags_set_the_schedulers_row_limits(app_model_dir, monkeypatch, capsys):
     """--max-rows and --playback-rows reach the codec the app serves; a limit below one is
     refused before the model loads."""
+    import os
+
+    import app.__main__
     import app.ui
-    from app.__main__ import main as app_main
 
     served_services = []
     monkeypatch.setattr(app.ui, "serve", lambda service, **kwargs: served_services.append(service))
-    argv = ["--model", str(app_model_dir), "--port", "0"]
-    assert app_main([*argv, "--max-rows", "24", "--playback-rows", "3"]) == 0
-    codec = served_services[-1].codec
-    assert (codec.max_rows, codec.playback_rows, codec.engine.max_rows) == (24, 3, 24)
-    assert app_main(argv) == 0
-    codec = served_services[-1].codec
-    assert (codec.max_rows, codec.playback_rows) == (StepEngine.max_rows, type(codec).playback_rows)
-    for flag in ("--max-rows", "--playback-rows"):
-        with pytest.raises(SystemExit) as e:
-            app_main([*argv, flag, "0"])
-        assert e.value.code == 2
-        assert "must be >= 1" in capsys.readouterr().err
+    # main() sets a server's SIGTERM handler and umask: not the test runner's
+    monkeypatch.setattr(app.__main__, "_stop_on_sigterm", lambda: None)
+    umask = os.umask(0o022)
+    try:
+        argv = ["--model", str(app_model_dir), "--port", "0"]
+        assert app.__main__.main([*argv, "--max-rows", "24", "--playback-rows", "3"]) == 0
+        codec = served_services[-1].codec
+        assert (codec.max_rows, codec.playback_rows, codec.engine.max_rows) == (24, 3, 24)
+        assert app.__main__.main(argv) == 0
+        codec = served_services[-1].codec
+        defaults = (StepEngine.max_rows, type(codec).playback_rows)
+        assert (codec.max_rows, codec.playback_rows) == defaults
+        for flag in ("--max-rows", "--playback-rows"):
+            with pytest.raises(SystemExit) as e:
+                app.__main__.main([*argv, flag, "0"])
+            assert e.value.code == 2
+            assert "must be >= 1" in capsys.readouterr().err
+    finally:
+        os.umask(umask)
