@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import math
 import os
 import random
@@ -735,3 +736,54 @@ def test_time_budgets_stop_with_a_checkpoint(data, tmp_path, capsys):
     assert max(step for step, _ in ckpt_io.list_checkpoints(out)) > max(steps)
     assert train_mod.main([*argv, "--resume", "--minutes", "0"]) == train_mod.EXIT_ERROR
     assert "--minutes must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint(data, tmp_path, signum):
+    """Ctrl-C (or a scheduler's SIGTERM) mid-run: the run finishes its step, writes a
+    checkpoint of it although none is due, says so and exits with 128 + the signal's number;
+    --resume continues from that step. Without the handler the process dies with a traceback
+    and everything since the last due checkpoint is lost."""
+    cfg = tiny_train_config(tmp_path / "s.toml", total_steps=10**6, checkpoint_every=10**6)
+    out = tmp_path / "run"
+    argv = [PYTHON, "-m", "training.train", "--config", str(cfg), "--data", str(data)]
+    argv += ["--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert f"stopped by {signal.Signals(signum).name} after step" in err
+    assert "Traceback" not in err
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert [step for step, _ in ckpt_io.list_checkpoints(out)] == [last] and last >= 3
+    more = subprocess.run(
+        [*argv, "--resume", "--steps", str(last + 2)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert f"done at step {last + 2}" in more.stderr
+
+
+def test_a_second_signal_acts_at_once_and_handlers_come_back():
+    from training.stop_signal import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        assert not stop.requested(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested(torch.device("cpu")) and stop.exit_status == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

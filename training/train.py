@@ -21,6 +21,8 @@ codebook buffers, every rank's RNG states, sampler position, best validation CE,
 so ``--resume`` continues bit for bit: on CPU always, on CUDA with ``train.deterministic`` (CUDA's
 atomic adds otherwise change the last bits from run to run; tests/test_cuda.py). A NaN/Inf loss
 or gradient skips the step; ``max_bad_steps`` in a row write a checkpoint and exit with status 3.
+Ctrl-C or SIGTERM finishes the step in flight, writes a checkpoint and exits with 128 + the
+signal's number (`training.stop_signal`); a second one stops at once.
 ``--set`` changes settings over the config file's, or over a checkpoint's (``--resume-from``,
 ``--init-from``: there only the training-time model settings,
 `training.config.TRAINING_ONLY_MODEL_KEYS`).
@@ -35,6 +37,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -60,6 +63,7 @@ from training.data import Loader, MicroBatch, WindowSampler, fixed_windows, spli
 from training.dataset import Dataset
 from training.host_memory import keep_freed_memory
 from training.loss import batch_loss
+from training.stop_signal import StopSignals
 
 EXIT_ERROR = 2
 EXIT_BAD_STEPS = 3
@@ -659,54 +663,65 @@ def run(args: argparse.Namespace) -> int:
         disable=args.no_progress or not dist.is_main(),
         dynamic_ncols=True,
     )
-    saved_at = trainer.step
+    saved_at, saved_path = trainer.step, None
+    stop_signals = StopSignals()
     try:
-        while trainer.step < stop and not budget.spent():
-            m = trainer.train_step()
-            if trainer.step % cfg.valid_every == 0:
-                valid = trainer.validate()
-                if valid is not None:
-                    m["valid/ce"] = valid
-                    if valid < trainer.best:
-                        trainer.best = valid
-                        state = trainer.state_dict()
-                        if dist.is_main():
-                            ckpt_io.save_best(state, trainer.out)
-            if dist.is_main():
-                metrics_file.write(json.dumps({"step": trainer.step, **m}) + "\n")
-                metrics_file.flush()
-                if trainer.step % cfg.log_every == 0 or "valid/ce" in m:
-                    for k, v in m.items():
-                        writer.add_scalar(k, v, trainer.step)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{m['loss/total']:.3f}",
-                    ce=f"{m['loss/ce']:.3f}",
-                    commit=f"{m['loss/commitment']:.4f}",
-                    ppl=f"{m['vq/perplexity']:.1f}",
-                    used=int(m["vq/codes_used"]),
-                    sps=f"{m['perf/samples_per_s']:.0f}",
-                )
-            if trainer.bad_in_a_row >= cfg.max_bad_steps:
-                path = trainer.save()
-                print(
-                    f"error: {trainer.bad_in_a_row} non-finite steps in a row (max_bad_steps = "
-                    f"{cfg.max_bad_steps}); wrote {path} and stopped. Lower the learning rate or "
-                    "check the data.",
-                    file=sys.stderr,
-                )
-                return EXIT_BAD_STEPS
-            if trainer.step % cfg.checkpoint_every == 0:
-                trainer.save()
-                saved_at = trainer.step
+        with stop_signals:
+            while (
+                trainer.step < stop
+                and not budget.spent()
+                and not stop_signals.requested(trainer.device)
+            ):
+                m = trainer.train_step()
+                if trainer.step % cfg.valid_every == 0:
+                    valid = trainer.validate()
+                    if valid is not None:
+                        m["valid/ce"] = valid
+                        if valid < trainer.best:
+                            trainer.best = valid
+                            state = trainer.state_dict()
+                            if dist.is_main():
+                                ckpt_io.save_best(state, trainer.out)
+                if dist.is_main():
+                    metrics_file.write(json.dumps({"step": trainer.step, **m}) + "\n")
+                    metrics_file.flush()
+                    if trainer.step % cfg.log_every == 0 or "valid/ce" in m:
+                        for k, v in m.items():
+                            writer.add_scalar(k, v, trainer.step)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{m['loss/total']:.3f}",
+                        ce=f"{m['loss/ce']:.3f}",
+                        commit=f"{m['loss/commitment']:.4f}",
+                        ppl=f"{m['vq/perplexity']:.1f}",
+                        used=int(m["vq/codes_used"]),
+                        sps=f"{m['perf/samples_per_s']:.0f}",
+                    )
+                if trainer.bad_in_a_row >= cfg.max_bad_steps:
+                    path = trainer.save()
+                    print(
+                        f"error: {trainer.bad_in_a_row} non-finite steps in a row "
+                        f"(max_bad_steps = {cfg.max_bad_steps}); wrote {path} and stopped. "
+                        "Lower the learning rate or check the data.",
+                        file=sys.stderr,
+                    )
+                    return EXIT_BAD_STEPS
+                if trainer.step % cfg.checkpoint_every == 0:
+                    saved_path = trainer.save()
+                    saved_at = trainer.step
         if saved_at != trainer.step:
-            trainer.save()
+            saved_path = trainer.save()
     finally:
         trainer.forward_model = trainer.model  # no DDP left when the group goes (dist.shutdown)
         bar.close()
         if writer is not None:
             writer.close()
             metrics_file.close()
+    if stop_signals.received is not None:
+        name = signal.Signals(stop_signals.received).name
+        where = f"{saved_path} holds it" if saved_path else "nothing new to save"
+        log(f"stopped by {name} after step {trainer.step}; {where}; continue with --resume")
+        return stop_signals.exit_status
     if budget.spent():
         log(f"time budget spent: {budget}")
     best = f"{trainer.best:.4f} nats/sample" if math.isfinite(trainer.best) else "none yet"
