@@ -128,6 +128,14 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+# The engine's workers release the GIL inside onnxruntime and take it back after every decoder
+# step (about a millisecond). A web-server thread that holds it (the event loop, a request's
+# handler) makes them wait, cores idle, until CPython forces a hand-over after the switch
+# interval: 5 ms by default. A fifth of a millisecond lets the server's threads run as before
+# while the workers get the GIL back within a fraction of a step (benchmarks.gil_contention).
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
 def fatal(message: str, code: int = 1) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -161,6 +169,7 @@ def main(argv=None) -> int:
     os.umask(0o077)  # uploads, results and caches: the owner's only
     private_gradio_cache()  # before Gradio is imported: some of its modules read it then
     _stop_on_sigterm()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         service = CodecService(
             args.model,

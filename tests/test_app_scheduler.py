@@ -5,6 +5,7 @@ that says so."""
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,17 +163,22 @@ def codec_request(codec, seconds: float):
 
 def test_app_flags_set_the_schedulers_row_limits(app_model_dir, monkeypatch, capsys):
     """--max-rows and --playback-rows reach the codec the app serves; a limit below one is
-    refused before the model loads."""
+    refused before the model loads. The server runs with a short GIL switch interval."""
     import os
 
     import app.__main__
     import app.ui
 
-    served_services = []
-    monkeypatch.setattr(app.ui, "serve", lambda service, **kwargs: served_services.append(service))
+    served_services, switch_intervals = [], []
+
+    def serve(service, **kwargs):
+        served_services.append(service)
+        switch_intervals.append(sys.getswitchinterval())
+
+    monkeypatch.setattr(app.ui, "serve", serve)
     # main() sets a server's SIGTERM handler and umask: not the test runner's
     monkeypatch.setattr(app.__main__, "_stop_on_sigterm", lambda: None)
-    umask = os.umask(0o022)
+    umask, switch_interval = os.umask(0o022), sys.getswitchinterval()
     try:
         argv = ["--model", str(app_model_dir), "--port", "0"]
         assert app.__main__.main([*argv, "--max-rows", "24", "--playback-rows", "3"]) == 0
@@ -187,5 +193,8 @@ def test_app_flags_set_the_schedulers_row_limits(app_model_dir, monkeypatch, cap
                 app.__main__.main([*argv, flag, "0"])
             assert e.value.code == 2
             assert "must be >= 1" in capsys.readouterr().err
+        # the engine's workers get the GIL back soon after each step (app.__main__)
+        assert switch_intervals == [pytest.approx(app.__main__.GIL_SWITCH_INTERVAL_S)] * 2
     finally:
         os.umask(umask)
+        sys.setswitchinterval(switch_interval)
