@@ -169,7 +169,6 @@ def main(argv=None) -> int:
     os.umask(0o077)  # uploads, results and caches: the owner's only
     private_gradio_cache()  # before Gradio is imported: some of its modules read it then
     _stop_on_sigterm()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         service = CodecService(
             args.model,
@@ -181,6 +180,8 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         return fatal(str(e))
     from app.ui import serve  # gradio is slow to import: only after the model loads
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     try:
         serve(

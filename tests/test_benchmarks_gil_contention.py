@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from benchmarks.gil_contention import BusyThread, main
 
 
 def test_gil_contention_quick_mode_reports_every_interval_and_load(capsys):
     before = sys.getswitchinterval()
     assert main(["--quick", "--intervals", "5", "0.2"]) == 0
-    assert sys.getswitchinterval() == before
+    # back as it was, to the microsecond CPython keeps it in
+    assert sys.getswitchinterval() == pytest.approx(before, abs=2e-6)
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["switch_interval_ms"], r["load"]) for r in rows] == [
