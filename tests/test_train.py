@@ -194,6 +194,11 @@ def test_a_run_continued_with_set_trains_with_its_settings_and_keeps_them(data, 
     saved = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "b", 4))
     assert saved["model_config"]["decoder"]["input_noise"] == 2.5
     assert saved["train_config"]["lr"] == 1e-3
+    # ... and trains with them: the optimiser restored from the kept run takes the new lr
+    factor = TrainConfig(**saved["train_config"]).lr_factor
+    groups = saved["optimizer"]["param_groups"]
+    assert [(g["initial_lr"], g["lr"]) for g in groups] == [(1e-3, 1e-3 * factor(4))] * len(groups)
+    assert saved["scheduler"]["base_lrs"] == [1e-3] * len(groups)
     plain = [*argv, "--out", str(tmp_path / "c"), "--resume-from", str(kept), "--steps", "4"]
     assert train_mod.main(plain) == 0
     other = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "c", 4))

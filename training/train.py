@@ -412,6 +412,7 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optimiser_settings()
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.best = float(state["best_valid_ce"])
@@ -420,6 +421,26 @@ class Trainer:
         if len(rngs) != self.world:
             log(f"warning: checkpoint from {len(rngs)} ranks, now {self.world}: data order differs")
         self._set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+
+    def _apply_optimiser_settings(self) -> None:
+        """Put the config's lr, betas and weight decay over the restored optimiser's.
+
+        The optimiser's and scheduler's state carry the saved run's hyper-parameters (each
+        group's ``initial_lr``, the scheduler's ``base_lrs``), so without this a branch made with
+        ``--resume-from CKPT --set train.lr=...`` would say it trains at the new lr and keep the
+        old one. The lr of the current step is recomputed the way the scheduler computes it, so
+        a plain resume keeps every value bit for bit."""
+        cfg = self.cfg
+        lr = cfg.lr * cfg.lr_factor(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(
+                initial_lr=cfg.lr,
+                lr=lr,
+                betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay,
+            )
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [lr] * len(self.optimizer.param_groups)
 
     def save(self) -> Path | None:
         state = self.state_dict()
