@@ -20,13 +20,13 @@ busy thread itself takes ``busy_ms / period_ms`` of one core, so on two cores ab
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
+from benchmarks.report import emit
 from benchmarks.serve_load import speech
 from vqwavenet import BUNDLED_MODEL, Codec
 
@@ -170,17 +170,7 @@ def main(argv=None) -> int:
         )
         return 2
     rows = run(args)
-    for r in rows:
-        print(json.dumps(r))
-    print(table(rows, args))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"settings": vars(args) | {"model": str(args.model)}, "rows": rows},
-                indent=2,
-                default=str,
-            )
-        )
+    emit(rows, table(rows, args), args)
     return 0
 
 
