@@ -10,7 +10,9 @@ alternate ``--repeats`` times (median wall time per row):
 - ``batch``: one `Codec.decode_many` call, the engine's own segments with no row limit per
   request: the most audio per second these cores give, whatever the order it comes in.
 - ``playback``: N `Codec.decode_stream` listeners on threads at once, as the app's requests
-  run (each at most `Codec.playback_rows` rows, chunks in order).
+  run (each at most `Codec.playback_rows` rows, chunks in order), each heard by a player
+  that starts on its first chunk: first audio (p50, p95), the listeners that played without
+  a gap, and the worst stall (`benchmarks.serve_load.play`), without the app's own costs.
 
 A listener who hears a file of L seconds without a gap from t0 on needs its last sample final
 by t0 + L. Whatever the schedule, the N x L seconds of audio are not all final before
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import emit
-from benchmarks.serve_load import speech
+from benchmarks.serve_load import play, speech
 from vqwavenet import BUNDLED_MODEL, Codec
 from vqwavenet.codec import DecodeRequest
 
@@ -46,18 +48,21 @@ def decode_batch(codec: Codec, codes, n: int, requests: int) -> float:
     return time.perf_counter() - started
 
 
-def decode_playback(codec: Codec, codes, n: int, requests: int) -> tuple[float, list[float]]:
+def decode_playback(
+    codec: Codec, codes, n: int, requests: int
+) -> tuple[float, list[tuple[float, float]]]:
     """Wall seconds for ``requests`` threads to stream-decode ``codes`` at once (seeds 0..),
-    and when each got its first chunk (the playback schedule holds it back until the rest is
-    predicted to come in time)."""
-    firsts = [float("nan")] * requests
+    and for each, a player's first audio and stall (`benchmarks.serve_load.play`) on its chunks
+    as they came (the playback schedule holds the first back until the rest is predicted to
+    come in time)."""
+    chunks: list[list[tuple[float, float]]] = [[] for _ in range(requests)]
     errors: list[BaseException] = []
 
     def listen(seed: int) -> None:
         try:
-            for _ in codec.decode_stream(codes, 0, seed, n_samples=n):
-                if firsts[seed] != firsts[seed]:  # NaN: the first chunk
-                    firsts[seed] = time.perf_counter() - started
+            for chunk in codec.decode_stream(codes, 0, seed, n_samples=n):
+                at = time.perf_counter() - started
+                chunks[seed].append((at, len(chunk) / codec.sample_rate))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
@@ -70,7 +75,7 @@ def decode_playback(codec: Codec, codes, n: int, requests: int) -> tuple[float, 
     wall = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return wall, firsts
+    return wall, [play(c) for c in chunks]
 
 
 def earliest_start(requests: int, seconds: float, capacity: float) -> float:
@@ -87,59 +92,62 @@ def run(args: argparse.Namespace) -> list[dict]:
         decode_batch(codec, codes, n, clients)  # untimed: rings and bindings of this size
         decode_playback(codec, codes, n, clients)
         walls: dict[str, list[float]] = {"batch": [], "playback": []}
-        firsts: list[float] = []  # every playback listener's first chunk, all repeats
+        players: list[tuple[float, float]] = []  # every listener's (first audio, stall)
         for _ in range(args.repeats):
             walls["batch"].append(decode_batch(codec, codes, n, clients))
-            wall, first = decode_playback(codec, codes, n, clients)
+            wall, heard = decode_playback(codec, codes, n, clients)
             walls["playback"].append(wall)
-            firsts += first
+            players += heard
         audio = clients * args.seconds
         capacity = audio / statistics.median(walls["batch"])
         for mode, mode_walls in walls.items():
             wall = statistics.median(mode_walls)
-            playback = mode == "playback"
-            rows.append(
-                {
-                    "clients": clients,
-                    "seconds": args.seconds,
-                    "mode": mode,
-                    "wall_s": round(wall, 3),
-                    "x_real_time": round(audio / wall, 3),
-                    "of_capacity": round(audio / wall / capacity, 3),
-                    "first_chunk_p50_s": round(float(np.percentile(firsts, 50)), 2)
-                    if playback
-                    else None,
-                    "first_chunk_p95_s": round(float(np.percentile(firsts, 95)), 2)
-                    if playback
-                    else None,
-                    "bound_last_s": round(earliest_start(clients, args.seconds, capacity), 2),
-                    "bound_next_to_last_s": round(
-                        earliest_start(clients - 1, args.seconds, capacity), 2
-                    ),
-                    "walls_s": [round(w, 3) for w in mode_walls],
+            row = {
+                "clients": clients,
+                "seconds": args.seconds,
+                "mode": mode,
+                "wall_s": round(wall, 3),
+                "x_real_time": round(audio / wall, 3),
+                "of_capacity": round(audio / wall / capacity, 3),
+                "bound_last_s": round(earliest_start(clients, args.seconds, capacity), 2),
+                "bound_next_to_last_s": round(
+                    earliest_start(clients - 1, args.seconds, capacity), 2
+                ),
+                "walls_s": [round(w, 3) for w in mode_walls],
+            }
+            if mode == "playback":
+                firsts = [first for first, _ in players]
+                stalls = [stall for _, stall in players]
+                row |= {
+                    "first_audio_p50_s": round(float(np.percentile(firsts, 50)), 2),
+                    "first_audio_p95_s": round(float(np.percentile(firsts, 95)), 2),
+                    "gap_free": sum(s <= 0 for s in stalls),
+                    "listeners": len(stalls),
+                    "worst_stall_s": round(max(stalls), 3),
                 }
-            )
+            rows.append(row)
     return rows
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"\n{args.model.name}, {args.seconds:g} s file, median of {args.repeats}; bound: the "
-        "earliest gap-free first audio of the last (and next-to-last) listener at the batch "
-        "capacity",
-        "| clients | mode | wall s | x real time | of capacity | first chunk p50 / p95 s "
-        "| bound, last / next-to-last s |",
-        "|---|---|---|---|---|---|---|",
+        f"\n{args.model.name}, {args.seconds:g} s file, median of {args.repeats} (first audio and "
+        "gaps over every listener of every repeat); bound: the earliest gap-free first audio "
+        "of the last (and next-to-last) listener at the batch capacity",
+        "| clients | mode | wall s | x real time | of capacity | first audio p50 / p95 s "
+        "| gap-free | worst stall s | bound, last / next-to-last s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        first = (
-            f"{r['first_chunk_p50_s']} / {r['first_chunk_p95_s']}"
-            if r["first_chunk_p50_s"] is not None
-            else "-"
+        heard = (
+            f"{r['first_audio_p50_s']} / {r['first_audio_p95_s']} | "
+            f"{r['gap_free']}/{r['listeners']} | {r['worst_stall_s']}"
+            if r["mode"] == "playback"
+            else "- | - | -"
         )
         lines.append(
             f"| {r['clients']} | {r['mode']} | {r['wall_s']} | {r['x_real_time']} | "
-            f"{r['of_capacity']:.0%} | {first} | {r['bound_last_s']} / "
+            f"{r['of_capacity']:.0%} | {heard} | {r['bound_last_s']} / "
             f"{r['bound_next_to_last_s']} |"
         )
     return "\n".join(lines)

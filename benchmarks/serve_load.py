@@ -189,17 +189,25 @@ class Listener:
         ``start_buffer`` seconds of audio (or all of it)."""
         if not self.segments:  # no stream (no ffmpeg): the wav plays at the end
             return {"first_audio": self.last, "last_sample": self.last, "stall": 0.0}
-        held, start = 0.0, self.segments[-1][0]
-        for at, duration in self.segments:
-            held += duration
-            if held >= start_buffer - 1e-9:
-                start = at
-                break
-        played, stall = 0.0, 0.0
-        for at, duration in self.segments:
-            stall = max(stall, at - (start + played))
-            played += duration
+        start, stall = play(self.segments, start_buffer)
         return {"first_audio": start, "last_sample": self.last, "stall": stall}
+
+
+def play(segments: list[tuple[float, float]], start_buffer: float = 0.0) -> tuple[float, float]:
+    """When a player of ``segments`` (arrival time, seconds of audio; in order) starts, once it
+    holds ``start_buffer`` seconds (or all), and its stall: the latest a segment arrived against
+    the schedule of a player that never waited (<= 0: gap-free)."""
+    held, start = 0.0, segments[-1][0]
+    for at, duration in segments:
+        held += duration
+        if held >= start_buffer - 1e-9:
+            start = at
+            break
+    played, stall = 0.0, 0.0
+    for at, duration in segments:
+        stall = max(stall, at - (start + played))
+        played += duration
+    return start, stall
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks.capacity import earliest_start, main
+from benchmarks.serve_load import play
 
 
 def test_the_bound_is_when_the_last_listener_can_start_without_a_gap():
@@ -32,15 +33,21 @@ def test_capacity_quick_mode_reports_both_modes_per_client_count(capsys):
         assert r["bound_last_s"] == pytest.approx(
             earliest_start(r["clients"], 0.5, capacity), abs=0.02
         )
-    batch_rows = [r for r in rows if r["mode"] == "batch"]
-    assert [r["of_capacity"] for r in batch_rows] == [1.0, 1.0]
-    assert all(r["first_chunk_p50_s"] is None for r in batch_rows)
+    assert [r["of_capacity"] for r in rows if r["mode"] == "batch"] == [1.0, 1.0]
     for r in rows:
         if r["mode"] == "playback":  # the first chunk comes, and not after the whole decode
-            assert 0 < r["first_chunk_p50_s"] <= r["first_chunk_p95_s"] <= r["wall_s"] + 0.01
+            assert 0 < r["first_audio_p50_s"] <= r["first_audio_p95_s"] <= r["wall_s"] + 0.01
+            assert 0 <= r["gap_free"] <= r["listeners"] == r["clients"]
     assert "| clients | mode | wall s | x real time | of capacity |" in out
 
 
 def test_capacity_refuses_bad_arguments(capsys):
     assert main(["--clients", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_the_player_starts_on_its_buffer_and_measures_its_worst_lateness():
+    # chunks of 1 s at 1, 1.5 and 3.5 s: a player starting at 1 s needs the third at 3 s
+    assert play([(1.0, 1.0), (1.5, 1.0), (3.5, 1.0)]) == (1.0, 0.5)
+    # waiting for 2 s of audio starts it at 1.5 s: then the third is on time
+    assert play([(1.0, 1.0), (1.5, 1.0), (3.5, 1.0)], start_buffer=2.0) == (1.5, 0.0)
