@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.capacity import decode_playback
 from benchmarks.report import emit
 from benchmarks.serve_load import speech
 from vqwavenet import BUNDLED_MODEL, Codec
@@ -60,18 +61,7 @@ class BusyThread:
 
 def decode_at_once(codec: Codec, codes, n: int, streams: int) -> float:
     """Wall seconds for ``streams`` threads to stream-decode ``codes`` at once (seeds 0..)."""
-
-    def listen(seed: int) -> None:
-        for _ in codec.decode_stream(codes, 0, seed, n_samples=n):
-            pass
-
-    threads = [threading.Thread(target=listen, args=(i,)) for i in range(streams)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0
+    return decode_playback(codec, codes, n, streams)[0]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
