@@ -214,6 +214,31 @@ def test_a_run_continued_with_set_trains_with_its_settings_and_keeps_them(data, 
     assert train_mod.main([*fixed, "--set", "lr=1"]) == train_mod.EXIT_ERROR
 
 
+def test_train_voices_draws_every_window_from_those_voices_only(data, tmp_path, capsys):
+    """``train.voices`` keeps the dataset's speaker table (so a run on fewer voices branches
+    from one on all) and draws training, validation and k-means windows from those voices
+    only; an unknown or empty list is refused with the dataset's voices named."""
+    ds = Dataset(data)
+    every = _trainer(tiny_train_config(tmp_path / "all.toml"), data, tmp_path / "all")
+    mixed = {ds.records[w.utt].speaker for _, ws in [every.sampler.next()] for w in ws}
+    assert mixed == {0, 1}, "the control: without train.voices both voices are drawn"
+    cfg = tiny_train_config(tmp_path / "b.toml", voices=["spk-b"])
+    trainer = _trainer(cfg, data, tmp_path / "b")
+    drawn = [w for _ in range(6) for w in trainer.sampler.next()[1]]
+    assert {ds.records[w.utt].speaker for w in drawn} == {1}
+    assert trainer.valid and {ds.records[w.utt].speaker for w in trainer.valid} == {1}
+    assert "training and validating on spk-b only" in capsys.readouterr().err
+    argv = ["--config", str(cfg), "--data", str(data), "--no-progress", "--steps", "1"]
+    assert train_mod.main([*argv, "--out", str(tmp_path / "c")]) == 0
+    saved = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "c", 1))
+    assert saved["train_config"]["voices"] == ["spk-b"] and saved["speakers"] == ds.speakers
+    bad = [*argv, "--out", str(tmp_path / "d"), "--set", 'train.voices=["nobody"]']
+    assert train_mod.main(bad) == train_mod.EXIT_ERROR
+    assert "nobody not in the dataset (its voices: spk-a, spk-b)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="non-empty list"):
+        TrainConfig(voices=[]).validate()
+
+
 # --- exact resume ------------------------------------------------------------------------------
 
 

@@ -51,6 +51,9 @@ class TrainConfig:
     max_bad_steps: int = 10  # NaN/Inf steps in a row before checkpoint-and-stop
     kmeans_windows: int = 64  # windows whose encoder outputs seed the codebook (0: no k-means)
     stats_utterances: int = 200  # utterances sampled when feature statistics must be computed
+    # Train and validate on these dataset voices only (None: all). The speaker table stays the
+    # dataset's, so a run on fewer voices can branch from, and be compared with, one on all.
+    voices: list[str] | None = None
 
     def validate(self) -> TrainConfig:
         if self.decay not in ("cosine", "linear"):
@@ -67,6 +70,12 @@ class TrainConfig:
             raise ValueError("train.seed must lie in [0, 2**63)")
         if self.warmup_steps < 0 or self.valid_windows < 0 or self.kmeans_windows < 0:
             raise ValueError("train.warmup_steps, valid_windows, kmeans_windows must be >= 0")
+        if self.voices is not None and (
+            not isinstance(self.voices, list)
+            or not self.voices
+            or not all(isinstance(v, str) for v in self.voices)
+        ):
+            raise ValueError("train.voices must be a non-empty list of voice names (or unset)")
         return self
 
     def lr_factor(self, step: int) -> float:

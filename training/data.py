@@ -161,5 +161,26 @@ class Loader:
         return [self.batch(windows[i : i + size], epoch, n) for i in range(0, len(windows), size)]
 
 
-def split_lengths(dataset: Dataset, split: str) -> dict[int, int]:
-    return {i: dataset.records[i].length for i in dataset.split(split)}
+def split_lengths(
+    dataset: Dataset, split: str, speakers: frozenset[int] | None = None
+) -> dict[int, int]:
+    """Utterance index -> length of one split, only ``speakers`` (indices) when given."""
+    return {
+        i: dataset.records[i].length
+        for i in dataset.split(split)
+        if speakers is None or dataset.records[i].speaker in speakers
+    }
+
+
+def voice_ids(dataset: Dataset, voices: list[str] | None) -> frozenset[int] | None:
+    """The speaker indices of the named voices (None: every voice), or ValueError naming the
+    dataset's voices when one is not among them."""
+    if voices is None:
+        return None
+    unknown = [v for v in voices if v not in dataset.speakers]
+    if unknown:
+        raise ValueError(
+            f"train.voices: {', '.join(unknown)} not in the dataset (its voices: "
+            f"{', '.join(dataset.speakers)})"
+        )
+    return frozenset(dataset.speakers.index(v) for v in voices)

@@ -59,7 +59,14 @@ from training.config import (
     parse_setting,
     with_settings,
 )
-from training.data import Loader, MicroBatch, WindowSampler, fixed_windows, split_lengths
+from training.data import (
+    Loader,
+    MicroBatch,
+    WindowSampler,
+    fixed_windows,
+    split_lengths,
+    voice_ids,
+)
 from training.dataset import Dataset
 from training.host_memory import keep_freed_memory
 from training.loss import batch_loss
@@ -222,9 +229,16 @@ class Trainer:
                 f"dataset sample rate {self.dataset.sample_rate} != model "
                 f"{model_cfg.features.sample_rate}"
             )
-        train_lengths = split_lengths(self.dataset, "train")
+        try:
+            self.speaker_ids = voice_ids(self.dataset, cfg.voices)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from exc
+        train_lengths = split_lengths(self.dataset, "train", self.speaker_ids)
         if not train_lengths:
-            raise TrainingError(f"{data} has no utterances in the train split")
+            of = f" of {', '.join(cfg.voices)}" if cfg.voices else ""
+            raise TrainingError(f"{data} has no utterances{of} in the train split")
+        if cfg.voices:
+            log(f"train.voices: training and validating on {', '.join(cfg.voices)} only")
 
         torch.manual_seed(cfg.seed)
         self.model = Autoencoder(model_cfg).to(self.device)
@@ -239,7 +253,7 @@ class Trainer:
             world=self.world,
         )
         self.loader = Loader(self.dataset, geo, cfg.seed)
-        valid_lengths = split_lengths(self.dataset, "valid")
+        valid_lengths = split_lengths(self.dataset, "valid", self.speaker_ids)
         if not valid_lengths:
             log("warning: no valid split: validation is skipped and best.pt is not written")
         self.valid = fixed_windows(valid_lengths, geo, cfg.valid_windows, cfg.predictions, cfg.seed)
@@ -341,7 +355,7 @@ class Trainer:
         n = self.cfg.kmeans_windows
         if n == 0:
             return
-        lengths = split_lengths(self.dataset, "train")
+        lengths = split_lengths(self.dataset, "train", self.speaker_ids)
         sampler = WindowSampler(
             lengths, self.model.geometry, n, self.cfg.predictions, seed=self.cfg.seed + 0x4B
         )
