@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+from benchmarks.report import mean_se
 
 METRICS = ("stoi", "envelope", "log_mel")
 
@@ -28,16 +29,6 @@ def load(path: str | Path) -> dict[str, dict]:
     """Utterance id -> its scores, from a `training.evaluate` JSON report."""
     report = json.loads(Path(path).read_text())
     return {u["id"]: u for u in report["utterances"]}
-
-
-def mean_and_error(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (nan with fewer than two values)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def groups_of(utts: dict[str, dict]) -> dict[str, list[str]]:
@@ -65,7 +56,7 @@ def compare(base: dict[str, dict], other: dict[str, dict]) -> list[dict]:
             ]
             if not pairs:
                 continue
-            row[m] = mean_and_error([b - a for a, b in pairs])
+            row[m] = mean_se([b - a for a, b in pairs])
             row[f"{m}_base"] = sum(a for a, _ in pairs) / len(pairs)
             if m == "stoi":
                 row["stoi_wins"] = sum(b > a for a, b in pairs)

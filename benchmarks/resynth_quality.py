@@ -38,6 +38,7 @@ import soundfile as sf
 from pesq import PesqError, pesq
 from pystoi import stoi
 
+from benchmarks.report import mean_se
 from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,15 +56,6 @@ def resynthesise(codec: Codec, codes, n: int, speaker, seeds, segment: int | Non
     reqs = [DecodeRequest(codes, speaker, n, seed) for seed in seeds]
     segment = n + 1 if segment is None else segment
     return codec.decode_many(reqs, segment=segment, burn_in=burn_in)
-
-
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of the finite ``values``."""
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(values.mean()), float(se)
 
 
 def summarise(label: dict, pairs: list[tuple[float, float]], base=None) -> dict:
