@@ -27,25 +27,13 @@ def app_model_dir(tmp_path_factory) -> Path:
 
     from export.__main__ import main as export_main
     from model.autoencoder import Autoencoder
-    from model.config import to_dict
     from training.config import load_model_config
 
     root = tmp_path_factory.mktemp("app_model")
     torch.manual_seed(0)
     model = Autoencoder(load_model_config("tiny")).eval()
     fit_to_test_clips(model)  # so that speech uses many codes
-    n = model.cfg.decoder.n_speakers
-    speakers = (APP_SPEAKERS + [f"speaker{i}" for i in range(len(APP_SPEAKERS), n)])[:n]
-    ckpt = root / "tiny.pt"
-    torch.save(
-        {
-            "model_config": to_dict(model.cfg),
-            "model": model.state_dict(),
-            "speakers": speakers,
-            "step": 0,
-        },
-        ckpt,
-    )
+    ckpt = write_checkpoint(model, root / "tiny.pt")
     out = root / "model"
     assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--int8"]) == 0
     meta_path = out / "model.json"
@@ -53,6 +41,20 @@ def app_model_dir(tmp_path_factory) -> Path:
     meta["notice"] = APP_NOTICE
     meta_path.write_text(json.dumps(meta, indent=2))
     return out
+
+
+def write_checkpoint(model, path: Path) -> Path:
+    """Save ``model`` as a step-0 training checkpoint whose voices are named like the bundled
+    model's (then ``speakerN``)."""
+    import torch
+
+    from model.config import to_dict
+
+    n = model.cfg.decoder.n_speakers
+    speakers = (APP_SPEAKERS + [f"speaker{i}" for i in range(len(APP_SPEAKERS), n)])[:n]
+    state = {"model_config": to_dict(model.cfg), "model": model.state_dict(), "step": 0}
+    torch.save({**state, "speakers": speakers}, path)
+    return path
 
 
 def free_port() -> int:
