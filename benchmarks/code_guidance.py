@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                     "null": null,
                     "seed": args.seed,
                     "utterances": [ds.records[i].id for i in idx],
-                    **{k: float(np.mean(v)) for k, v in per.items()},
+                    **{k: mean_se(v)[0] for k, v in per.items()},  # STOI is nan under 30 frames
                     "per_utterance": per,
                     "seconds": time.perf_counter() - t0,
                 }
