@@ -93,7 +93,7 @@ def generate(
     index = np.asarray(geo.cond_index(times))
     branches = conds + (nulls if guided else [])
     rows = len(branches)
-    table = torch.nn.utils.rnn.pad_sequence(branches, batch_first=True)  # [rows, C_max, L*2G]
+    padded = torch.nn.utils.rnn.pad_sequence(branches, batch_first=True)  # [rows, C_max, L*2G]
     last = torch.tensor([len(c) - 1 for c in branches])
     every = torch.arange(rows)
     rings = [torch.zeros(size, rows, step.residual_channels) for size in step.ring_sizes()]
@@ -114,7 +114,7 @@ def generate(
     fed, seen = [], []
     live = np.array([[left, left + m] for left, m in zip(lefts, lengths)])
     for s, t in enumerate(times):
-        cond = table[every, torch.full((rows,), max(int(index[s]), 0)).minimum(last)]
+        cond = padded[every, torch.full((rows,), max(int(index[s]), 0)).minimum(last)]
         past = torch.stack([ring[s % len(ring)] for ring in rings])
         out = step(prev, past, cond, torch.zeros(rows))
         current = out.current.reshape(rows, step.n_layers, -1)
