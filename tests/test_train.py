@@ -214,6 +214,84 @@ def test_a_run_continued_with_set_trains_with_its_settings_and_keeps_them(data, 
     assert train_mod.main([*fixed, "--set", "lr=1"]) == train_mod.EXIT_ERROR
 
 
+def _decoder_keys(state: dict) -> list[str]:
+    return [k for k in state if k.startswith("decoder.")]
+
+
+def test_decoder_lr_scale_trains_the_decoder_at_a_multiple_of_lr(data, tmp_path):
+    """``train.decoder_lr_scale`` sets the decoder's lr apart from the rest's: 0 keeps every
+    decoder weight as the branch found it while the encoder trains on; the plain branch (the
+    control) moves both; the optimiser's groups and the scheduler carry the scaled lr."""
+    cfg = tiny_train_config(tmp_path / "t.toml", checkpoint_every=2)
+    argv = ["--config", str(cfg), "--data", str(data), "--no-progress", "--steps", "4"]
+    assert train_mod.main([*argv[:-2], "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    kept = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "a", 2))
+    branch = [*argv, "--resume-from", str(ckpt_io.checkpoint_path(tmp_path / "a", 2))]
+
+    def trained(name: str, *settings: str) -> dict:
+        extra = ["--set", *settings] if settings else []
+        assert train_mod.main([*branch, "--out", str(tmp_path / name), *extra]) == 0
+        return ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / name, 4))
+
+    frozen = trained("frozen", "train.decoder_lr_scale=0")
+    plain = trained("plain")
+    keys = _decoder_keys(kept["model"])
+    assert keys and all(torch.equal(frozen["model"][k], kept["model"][k]) for k in keys)
+    assert not all(torch.equal(plain["model"][k], kept["model"][k]) for k in keys)
+    rest = [k for k in kept["model"] if k.startswith("encoder.") and "weight" in k]
+    assert rest and not all(torch.equal(frozen["model"][k], kept["model"][k]) for k in rest)
+
+    half = trained("half", "train.decoder_lr_scale=0.5")
+    lr = load_train_config(cfg).lr
+    factor = TrainConfig(**half["train_config"]).lr_factor(4)
+    groups = half["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [lr, 0.5 * lr]
+    assert [g["lr"] for g in groups] == pytest.approx([lr * factor, 0.5 * lr * factor])
+    assert half["scheduler"]["base_lrs"] == [lr, 0.5 * lr]
+    with pytest.raises(ValueError, match="decoder_lr_scale"):
+        TrainConfig(decoder_lr_scale=-1.0).validate()
+
+
+def test_a_one_group_optimiser_checkpoint_resumes_bit_for_bit(data, tmp_path, monkeypatch):
+    """Checkpoints written before the decoder had an optimiser group of its own hold one
+    AdamW group over ``model.parameters()``; resumed, they continue exactly as the same state
+    laid out in two groups does. Loaded as they are, torch refuses them (the control)."""
+    cfg = tiny_train_config(tmp_path / "t.toml", checkpoint_every=2)
+    argv = ["--config", str(cfg), "--data", str(data), "--no-progress"]
+    assert train_mod.main([*argv, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    new = ckpt_io.load(ckpt_io.checkpoint_path(tmp_path / "a", 2))
+    model = Autoencoder(load_model_config(cfg))
+    rest, decoder = train_mod._decoder_split(model)
+    assert decoder and rest
+    groups = new["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups] == [len(rest), len(decoder)]
+    flat = [i for g in groups for i in g["params"]]  # ids in group order
+    by_position = dict(zip(rest + decoder, flat, strict=True))
+    old = copy.deepcopy(new)
+    old["optimizer"] = {
+        "state": {p: new["optimizer"]["state"][by_position[p]] for p in sorted(by_position)},
+        "param_groups": [{**groups[0], "params": sorted(by_position)}],
+    }
+    old_path = tmp_path / "old.pt"
+    torch.save(old, old_path)
+
+    def resumed(name: str, path: Path) -> dict:
+        out = tmp_path / name
+        assert (
+            train_mod.main([*argv, "--out", str(out), "--resume-from", str(path), "--steps", "4"])
+            == 0
+        )
+        return ckpt_io.load(ckpt_io.checkpoint_path(out, 4))
+
+    a = resumed("from-new", ckpt_io.checkpoint_path(tmp_path / "a", 2))
+    b = resumed("from-old", old_path)
+    _assert_same(a["model"], b["model"], "model")
+    _assert_same(a["optimizer"], b["optimizer"], "optimizer")
+    monkeypatch.setattr(train_mod, "regroup_optimizer_state", lambda saved, model: saved)
+    with pytest.raises(ValueError, match="parameter groups"):
+        train_mod.main([*argv, "--out", str(tmp_path / "c"), "--resume-from", str(old_path)])
+
+
 def test_train_voices_draws_every_window_from_those_voices_only(data, tmp_path, capsys):
     """``train.voices`` keeps the dataset's speaker table (so a run on fewer voices branches
     from one on all) and draws training, validation and k-means windows from those voices

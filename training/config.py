@@ -5,6 +5,7 @@ types rejected). The ``[model]`` table overrides `model.config.ModelConfig` the 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     weight_decay: float = 0.0
+    # The decoder's lr as a multiple of lr (0 freezes it): further training under the
+    # teacher-forced CE lowers the STOI of what the decoder generates, while the encoder's and
+    # codebook's training does not (docs/TRAINING.md), so a continuation can train them alone.
+    decoder_lr_scale: float = 1.0
     # Schedule: linear warm-up from 0, then `decay` ("cosine" or "linear") from lr down to the
     # floor lr * min_lr_ratio at total_steps, constant after.
     warmup_steps: int = 1000
@@ -58,6 +63,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.decay not in ("cosine", "linear"):
             raise ValueError("train.decay must be 'cosine' or 'linear'")
+        if not (math.isfinite(self.decoder_lr_scale) and self.decoder_lr_scale >= 0):
+            raise ValueError("train.decoder_lr_scale must be a finite number >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("train.min_lr_ratio must lie in [0, 1]")
         for name in ("windows", "predictions", "accumulation", "total_steps", "keep_last"):
@@ -80,8 +87,6 @@ class TrainConfig:
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimiser step ``step`` (0-based)."""
-        import math
-
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)

@@ -139,6 +139,53 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# --- optimiser groups ------------------------------------------------------------------------
+
+
+def _decoder_split(model: torch.nn.Module) -> tuple[list[int], list[int]]:
+    """Positions in ``model.parameters()`` of the parameters outside the decoder and in it."""
+    decoder = {id(p) for p in model.decoder.parameters()}
+    params = list(model.parameters())
+    rest = [i for i, p in enumerate(params) if id(p) not in decoder]
+    return rest, [i for i, p in enumerate(params) if id(p) in decoder]
+
+
+def group_lr_scales(cfg: TrainConfig) -> tuple[float, float]:
+    """Each optimiser group's lr as a multiple of ``train.lr``: (the rest, the decoder)."""
+    return 1.0, cfg.decoder_lr_scale
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Two AdamW groups, features + encoder + quantiser and the decoder, so that the decoder
+    can train at an lr of its own (``train.decoder_lr_scale``); each keeps the parameters'
+    order, and at scale 1 a step equals the one-group step bit for bit."""
+    params = list(model.parameters())
+    return [
+        {"params": [params[i] for i in positions], "lr": cfg.lr * scale}
+        for positions, scale in zip(_decoder_split(model), group_lr_scales(cfg), strict=True)
+    ]
+
+
+def regroup_optimizer_state(saved: dict, model: torch.nn.Module) -> dict:
+    """A saved AdamW state laid out as `parameter_groups` lays it out.
+
+    Checkpoints written before the decoder had a group of its own hold one group over
+    ``model.parameters()``; their per-parameter moments are handed to the two groups by the
+    parameters' positions, so those runs resume, and branch with a decoder lr of their own."""
+    groups = saved["param_groups"]
+    if len(groups) != 1:
+        return saved
+    (group,) = groups
+    n = len(list(model.parameters()))
+    if len(group["params"]) != n:
+        raise TrainingError(
+            f"the checkpoint's optimiser holds {len(group['params'])} parameters, the model {n}"
+        )
+    ids = group["params"]
+    regrouped = [{**group, "params": [ids[i] for i in pos]} for pos in _decoder_split(model)]
+    return {"state": saved["state"], "param_groups": regrouped}
+
+
 # --- the trainer -----------------------------------------------------------------------------
 
 
@@ -280,7 +327,7 @@ class Trainer:
                 self.forward_model, device_ids=ids, broadcast_buffers=False
             )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            parameter_groups(self.model, cfg),
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay,
@@ -424,7 +471,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(regroup_optimizer_state(state["optimizer"], self.model))
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optimiser_settings()
         self.sampler.load_state_dict(state["sampler"])
@@ -445,16 +492,17 @@ class Trainer:
         old one. The lr of the current step is recomputed the way the scheduler computes it, so
         a plain resume keeps every value bit for bit."""
         cfg = self.cfg
-        lr = cfg.lr * cfg.lr_factor(self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
+        factor = cfg.lr_factor(self.scheduler.last_epoch)
+        base_lrs = [cfg.lr * scale for scale in group_lr_scales(cfg)]
+        for group, base in zip(self.optimizer.param_groups, base_lrs, strict=True):
             group.update(
-                initial_lr=cfg.lr,
-                lr=lr,
+                initial_lr=base,
+                lr=base * factor,
                 betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay,
             )
-        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
-        self.scheduler._last_lr = [lr] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = base_lrs
+        self.scheduler._last_lr = [base * factor for base in base_lrs]
 
     def save(self) -> Path | None:
         state = self.state_dict()
