@@ -20,6 +20,7 @@ from model.features import MFCC
 from model.geometry import CodecGeometry, Conv, hull
 from model.input_noise import noisy_classes
 from model.jitter import slot_frames
+from model.past_gain import gained_samples
 from model.quantizer import QuantizerOutput, VectorQuantizer
 
 
@@ -149,6 +150,12 @@ class Autoencoder(nn.Module):
         past = win.t0[:, None] - 1 + torch.arange(-ctx, n, device=wave.device)  # absolute
         ar = past - win.start[:, None]
         samples = wave.gather(1, ar.clamp(0, wave.shape[1] - 1))
+        gain = self.cfg.decoder.past_gain_db if self.training else 0.0
+        if gain > 0:
+            every = self.cfg.decoder.past_gain_every
+            samples = gained_samples(
+                samples, gain, every, seed=win.seed, epoch=win.epoch, utt=win.utt, index=past
+            )
         q_ch = self.cfg.decoder.quantization_channels
         classes = mulaw.encode(samples, q_ch)
         sigma = self.cfg.decoder.input_noise if self.training else 0.0

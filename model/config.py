@@ -59,6 +59,10 @@ class DecoderConfig:
     # Std, in mu-law classes, of the noise on the autoregressive input in training
     # (`model.input_noise`); 0: the clean past.
     input_noise: float = 0.0
+    # Largest gain, in dB either way, on the autoregressive input in training, varying linearly
+    # between knots `past_gain_every` samples apart (`model.past_gain`); 0: the true loudness.
+    past_gain_db: float = 0.0
+    past_gain_every: int = 1600
     cond_kernel: int = 3
     cond_channels: int = 128
     n_speakers: int = 4
@@ -95,6 +99,10 @@ class ModelConfig:
             raise ValueError("decoder.jitter_probability must lie in [0, 1]")
         if not (math.isfinite(self.decoder.input_noise) and self.decoder.input_noise >= 0):
             raise ValueError("decoder.input_noise must be a finite number >= 0")
+        if not (math.isfinite(self.decoder.past_gain_db) and self.decoder.past_gain_db >= 0):
+            raise ValueError("decoder.past_gain_db must be a finite number >= 0")
+        if self.decoder.past_gain_every < 1:
+            raise ValueError("decoder.past_gain_every must be >= 1")
         f = self.features
         if f.win_length != f.n_fft:
             raise ValueError("features.win_length must equal features.n_fft (no zero padding)")

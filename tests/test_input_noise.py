@@ -42,15 +42,16 @@ def test_noisy_classes_stay_within_the_classes():
     assert out.min() >= 0 and out.max() <= 255 and not torch.equal(out, classes)
 
 
-def _model(noise: float) -> Autoencoder:
+def _model(**decoder) -> Autoencoder:
     cfg: ModelConfig = load_model_config("tiny")
-    cfg.decoder.input_noise = noise
+    for key, value in decoder.items():
+        setattr(cfg.decoder, key, value)
     cfg.decoder.jitter_probability = 0.0
     torch.manual_seed(0)
     return Autoencoder(cfg)
 
 
-def _batch(model: Autoencoder, n: int = 40):
+def tone_batch(model: Autoencoder, n: int = 40):
     """Two windows of ``n`` predictions from the middle of two utterances of a tone."""
     geo = model.geometry
     utts = [
@@ -61,20 +62,25 @@ def _batch(model: Autoencoder, n: int = 40):
     return make_batch(geo, utts, specs, seed=3, epoch=0)
 
 
-def test_the_noise_changes_training_logits_only_and_never_the_targets():
-    """In train mode the decoder reads a noisy past (its logits move), the targets stay the
-    clean classes; in eval mode (export, teacher-forced scoring) the output is the clean
-    model's. Control: with ``input_noise = 0`` the train-mode logits are the clean ones."""
-    clean, noisy = _model(0.0), _model(3.0)
-    noisy.load_state_dict(clean.state_dict())
-    wave, win, n = _batch(clean)
+def check_training_only(**decoder) -> None:
+    """With the ``decoder`` settings, in train mode the decoder reads a perturbed past (its
+    logits move) and the targets stay the clean classes; in eval mode (export, teacher-forced
+    scoring) the output is the plain model's. Control: without them the train-mode logits are
+    the plain ones."""
+    plain, perturbed = _model(), _model(**decoder)
+    perturbed.load_state_dict(plain.state_dict())
+    wave, win, n = tone_batch(plain)
     with torch.no_grad():
-        a, b = clean.train()(wave, win, n), noisy.train()(wave, win, n)
+        a, b = plain.train()(wave, win, n), perturbed.train()(wave, win, n)
         assert torch.equal(a.targets, b.targets)
         assert not torch.allclose(a.logits, b.logits)
-        assert torch.equal(clean.eval()(wave, win, n).logits, noisy.eval()(wave, win, n).logits)
-        clean.train()
-        assert torch.equal(clean(wave, win, n).logits, a.logits)
+        assert torch.equal(plain.eval()(wave, win, n).logits, perturbed.eval()(wave, win, n).logits)
+        plain.train()
+        assert torch.equal(plain(wave, win, n).logits, a.logits)
+
+
+def test_the_noise_changes_training_logits_only_and_never_the_targets():
+    check_training_only(input_noise=3.0)
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])

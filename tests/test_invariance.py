@@ -71,24 +71,36 @@ def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances()
         assert errors["naive"] > CONTROL_FLOOR, errors
 
 
-def test_invariance_holds_with_noise_on_the_autoregressive_input(monkeypatch):
-    """`model.input_noise` moves each past sample the decoder reads by a draw of its absolute
-    index, so every window reads the same noisy past and the proof holds. Control: the same
-    draws by position within the window (a per-window draw) give each single-prediction pass
-    another past than the batched window, and the comparison fails."""
+# Perturbations of the decoder's autoregressive input in training: their decoder settings and
+# the function `model.autoencoder` calls with the absolute sample index.
+AR_INPUT = {
+    "input_noise": ({"input_noise": 3.0}, "noisy_classes"),
+    "past_gain": ({"past_gain_db": 12.0, "past_gain_every": 7}, "gained_samples"),
+}
+
+
+@pytest.mark.parametrize("name", AR_INPUT)
+def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, name):
+    """`model.input_noise` moves, and `model.past_gain` scales, each past sample the decoder
+    reads by a draw of its absolute index, so every window reads the same perturbed past and
+    the proof holds. Control: the same draws by position within the window (a per-window
+    draw) give each single-prediction pass another past than the batched window, and the
+    comparison fails."""
     from model import autoencoder
 
+    settings, function = AR_INPUT[name]
     cfg = load_model_config("tiny")
-    cfg.decoder.input_noise = 3.0
+    for key, value in settings.items():
+        setattr(cfg.decoder, key, value)
     model = prepare(cfg, width=8, jitter=0.5)
     for case in (Case(17, 1, True), Case(55, 8, False)):
         errors = run_case(model, case, methods=("ours",), splits=(1, 3))
         assert errors["ours"] <= TOLERANCE and errors["ours/split3"] <= TOLERANCE, errors
-    draw = autoencoder.noisy_classes
+    by_index = getattr(autoencoder, function)
     monkeypatch.setattr(
         autoencoder,
-        "noisy_classes",
-        lambda c, q, sigma, *, index, **kw: draw(c, q, sigma, index=index - index[:, :1], **kw),
+        function,
+        lambda *a, index, **kw: by_index(*a, index=index - index[:, :1], **kw),
     )
     errors = run_case(model, Case(17, 1, True), methods=("ours",))
     assert errors["ours"] > CONTROL_FLOOR, errors

@@ -131,6 +131,8 @@ TRAINING_ONLY_MODEL_KEYS = frozenset(
         "quantizer.dead_code_threshold",
         "decoder.jitter_probability",
         "decoder.input_noise",
+        "decoder.past_gain_db",
+        "decoder.past_gain_every",
     }
 )
 
