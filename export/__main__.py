@@ -2,6 +2,7 @@
 
     python -m export --checkpoint runs/small/last.pt --out exported/small [--int8]
     python -m export --requantize-int8 exported/small     # an older export's int8 step
+    python -m export --checkpoint CKPT --out DIR --voices Allison June    # only these voices
 
 With ``--int8`` the teacher-forced cross-entropy of the fp32 and int8 decoder steps on held-out
 clips (``--eval-wav``, default the test clips) is printed. The primer that folded segments
@@ -48,6 +49,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="clean speech that later segments start from (default: the first held-out clip)",
     )
     p.add_argument("--notice", default=None, help="a caveat stored in model.json for users")
+    p.add_argument(
+        "--voices",
+        nargs="+",
+        metavar="NAME",
+        help="export only these voices of the checkpoint, in this order (default: all)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
     return p
 
@@ -111,12 +118,17 @@ def main(argv=None) -> int:
         return fatal(f"no checkpoint {args.checkpoint}")
     if (out / "model.json").exists() and not args.force:
         return fatal(f"{out} already holds an export (use --force to overwrite)")
-    from export.onnx_export import ExportMismatch, export_model, load_checkpoint
+    from export.onnx_export import ExportMismatch, export_model, keep_voices, load_checkpoint
 
     try:
         model, speakers, _ = load_checkpoint(args.checkpoint)
     except (KeyError, RuntimeError, OSError) as e:
         return fatal(f"cannot load {args.checkpoint}: {e}")
+    if args.voices:
+        try:
+            speakers = keep_voices(model, speakers, args.voices)
+        except ValueError as e:
+            return fatal(str(e))
     waves = None
     paths = args.eval_wav or sorted(str(p) for p in CLIPS.glob("*.wav"))
     if args.int8:

@@ -142,6 +142,25 @@ def load_checkpoint(path: str | Path) -> tuple[Autoencoder, list[str], dict]:
     return model.eval(), speakers, ckpt
 
 
+def keep_voices(model: Autoencoder, speakers: list[str], names: list[str]) -> list[str]:
+    """Keep only the voices ``names`` (in that order) in ``model``'s speaker table, in place,
+    and return them as the model's speakers: a checkpoint whose table has rows for voices it
+    never trained (a run restricted by ``train.voices``) exports without them."""
+    unknown = [n for n in names if n not in speakers]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"voices must be distinct voices of the checkpoint ({', '.join(speakers)}), "
+            f"not {', '.join(names) or 'none'}"
+        )
+    rows = torch.tensor([speakers.index(n) for n in names])
+    table = model.decoder.speaker
+    model.decoder.speaker = nn.Embedding.from_pretrained(
+        table.weight.detach()[rows].clone(), freeze=False
+    )
+    model.cfg.decoder.n_speakers = len(names)
+    return list(names)
+
+
 # --- export --------------------------------------------------------------------------------------
 
 

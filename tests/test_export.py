@@ -344,3 +344,27 @@ def test_cli_exports_int8_and_prints_its_quality(tmp_path, capsys):
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
     assert export_main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_exports_only_the_voices_asked_for(tiny, tmp_path, capsys):
+    """``--voices`` keeps those rows of the speaker table, in the order given: each kept voice
+    decodes exactly as in the full export; a voice the checkpoint lacks is refused."""
+    _, full, meta, ckpt = tiny
+    assert len(meta["speakers"]) >= 2
+    last, first = meta["speakers"][-1], meta["speakers"][0]
+    out = tmp_path / "two"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--voices", last, first]) == 0
+    sub = json.loads((out / "model.json").read_text())
+    assert sub["speakers"] == [last, first]
+    assert sub["model_config"]["decoder"]["n_speakers"] == 2
+    wave = clip("activated", 3000)
+    for name in (last, first):
+        (want,) = Codec(full).teacher_forced([wave], name)
+        (got,) = Codec(out).teacher_forced([wave], name)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    (other,) = Codec(full).teacher_forced([wave], meta["speakers"][1])
+    assert not np.allclose(Codec(out).teacher_forced([wave], 0)[0], other, atol=1e-3)
+    for bad in (["nobody"], [first, first]):
+        args = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "bad"), "--voices", *bad]
+        assert export_main(args) == 1
+        assert "voices must be distinct voices" in capsys.readouterr().err

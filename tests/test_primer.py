@@ -81,9 +81,10 @@ def test_a_primed_start_continues_the_primer_as_a_stepped_decode_does():
 
 def test_primed_segments_start_as_loud_as_an_unbroken_decode():
     """What the primer is for: sampled, the bundled model's later segments are about as loud
-    as the unbroken decode over their first 160 samples; from silence (``"steady"``, the
-    control) they are far quieter (README: 19 % and 37 % of its RMS over the first two 80-sample
-    bins)."""
+    as the unbroken decode over their first 160 samples. From silence (``"steady"``, the
+    control) they start at another loudness: the model bundled before started far quieter
+    (`benchmarks.segment_loudness`), the present one, which takes its loudness from the codes,
+    louder."""
     codecs = {w: Codec(BUNDLED, warmup=w) for w in ("primed", "steady")}
     n, segment, head = 10000, 2500, 160
     reqs = [
@@ -103,8 +104,8 @@ def test_primed_segments_start_as_loud_as_an_unbroken_decode():
                 seg += np.sum(mulaw_decode(outs[fold.first + k][:head], codec.q) ** 2)
                 ref += np.sum(whole[g : g + head].astype(np.float64) ** 2)
         ratio[warmup] = np.sqrt(seg / ref)
-    assert ratio["primed"] > 0.7, ratio
-    assert ratio["steady"] < 0.5, ratio
+    assert 0.7 < ratio["primed"] < 1.3, ratio
+    assert not 0.7 < ratio["steady"] < 1.3, ratio
 
 
 def test_model_dirs_without_a_primer_start_from_silence_and_damaged_ones_fail(tmp_path):
