@@ -6,6 +6,7 @@ Every run uses the tiny config on a dataset cut from the speech clips in tests/d
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -250,6 +251,41 @@ def test_decoder_lr_scale_trains_the_decoder_at_a_multiple_of_lr(data, tmp_path)
     assert half["scheduler"]["base_lrs"] == [lr, 0.5 * lr]
     with pytest.raises(ValueError, match="decoder_lr_scale"):
         TrainConfig(decoder_lr_scale=-1.0).validate()
+
+
+def test_a_frozen_decoder_leaves_the_gradient_clip_to_the_rest(data, tmp_path):
+    """At ``decoder_lr_scale = 0`` the decoder's weights get no gradient, so the step's gradient
+    norm (and the clip) is the encoder's and quantiser's alone, and their gradients are the ones
+    the control, a plain trainer on the same batch, computes; the control's norm also counts
+    the decoder's."""
+    cfg = tiny_train_config(tmp_path / "f.toml")
+    model_cfg, train_cfg = load_model_config(cfg), load_train_config(cfg)
+    train_cfg.grad_clip = 0.0  # unclipped, so the gradients left behind give the logged norm
+
+    def first_step(name: str, scale: float) -> tuple[float, dict, dict]:
+        settings = dataclasses.replace(train_cfg, decoder_lr_scale=scale)
+        trainer = train_mod.Trainer(model_cfg, settings, data, tmp_path / name, device="cpu")
+        logged = trainer.train_step()["perf/grad_norm"]
+        decoder = {id(p) for p in trainer.model.decoder.parameters()}
+        named = dict(trainer.model.named_parameters())
+        dec = {k: p.grad for k, p in named.items() if id(p) in decoder}
+        rest = {k: p.grad for k, p in named.items() if id(p) not in decoder}
+        return logged, dec, rest
+
+    def norm(grads) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    logged, dec, rest = first_step("frozen", 0.0)
+    assert dec and all(g is None for g in dec.values())
+    assert logged == pytest.approx(norm(rest.values()), rel=1e-5)
+    logged_plain, dec_plain, rest_plain = first_step("plain", 1.0)
+    assert all(g is not None for g in dec_plain.values())
+    assert logged_plain == pytest.approx(
+        norm([*dec_plain.values(), *rest_plain.values()]), rel=1e-5
+    )
+    assert logged_plain > logged
+    for k, g in rest.items():
+        torch.testing.assert_close(g, rest_plain[k], rtol=1e-4, atol=1e-7)
 
 
 def test_a_one_group_optimiser_checkpoint_resumes_bit_for_bit(data, tmp_path, monkeypatch):

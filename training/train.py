@@ -314,6 +314,10 @@ class Trainer:
         else:
             self._init_statistics(train_lengths)
             self._init_codebook()
+        if cfg.decoder_lr_scale == 0:
+            # A frozen decoder computes no weight gradients, and none count in the clip; the
+            # gradient still flows through it to the encoder.
+            self.model.decoder.requires_grad_(False)
 
         self.forward_model: torch.nn.Module = self.model
         if cfg.compile:  # the same function (tests/test_train.py); checkpoints save self.model
