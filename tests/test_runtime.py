@@ -767,14 +767,15 @@ def test_int8_step_keeps_only_the_output_head_in_fp32(tmp_path):
     assert len(quantised) == n_layers + (n_layers - 1) + 1  # dilated, residual, skip
 
 
-def test_bundled_int8_costs_under_a_thousandth_of_a_nat():
-    """Teacher-forced on the test clips, the bundled model's int8 step stays within 0.001
-    nats/sample of fp32. Control: quantising the output head too cost it 0.019."""
+def test_bundled_int8_costs_under_four_thousandths_of_a_nat():
+    """Teacher-forced on the test clips, the bundled model's int8 step stays within 0.004
+    nats/sample of fp32, a thousandth of its cross-entropy. Control: quantising the output head
+    too costs it about twice the bound (``benchmarks/README.md``, int8)."""
     bundled = BUNDLED_MODEL
     waves = [clip(name, 8000) for name in ("activated", "agent-newlocation", "auth-incorrect")]
     fp32 = Codec(bundled).cross_entropy(waves)
     int8 = Codec(bundled, int8=True).cross_entropy(waves)
-    assert 0 < abs(int8 - fp32) < 1e-3
+    assert 0 < abs(int8 - fp32) < 4e-3
 
 
 def test_a_batch_binds_each_row_count_once(tiny, monkeypatch):
