@@ -26,6 +26,7 @@ from export.onnx_export import (
     requantize_int8,
 )
 from tests.test_export import clip, make_checkpoint
+from tests.test_runtime import BUNDLED_INT8_BOUND
 from vqwavenet import BUNDLED_MODEL, Codec, DecodeRequest
 from vqwavenet.model_dir import read_meta
 
@@ -172,8 +173,8 @@ def test_int8_requests_decode_alike_alone_and_beside_others(exports):
 
 def test_bundled_int8_decodes_alike_alone_and_beside_others():
     """The bundled model's int8 step scales activations per row: a file decoded beside two
-    others gives the samples it gives alone, and int8 stays within a thousandth of a nat of
-    fp32 teacher-forced (also `test_runtime`'s check)."""
+    others gives the samples it gives alone, and the export's teacher-forced int8 cost stays
+    within `test_runtime`'s bound."""
     codec = Codec(BUNDLED_MODEL, int8=True)
     assert codec.rows_independent and read_meta(BUNDLED_MODEL)["int8_activations"] == PER_ROW
     reqs = [
@@ -188,7 +189,7 @@ def test_bundled_int8_decodes_alike_alone_and_beside_others():
     together = codec.decode_many(reqs)[0]
     np.testing.assert_array_equal(alone, together)
     quality = read_meta(BUNDLED_MODEL)["int8_quality"]
-    assert 0 < quality["ce_increase"] < 1e-3
+    assert 0 < quality["ce_increase"] < BUNDLED_INT8_BOUND
 
 
 def test_requantize_rewrites_only_the_int8_step(exports, tmp_path, capsys):
