@@ -21,6 +21,7 @@ from model.geometry import CodecGeometry, Conv, hull
 from model.input_noise import noisy_classes
 from model.jitter import slot_frames
 from model.past_gain import gained_samples
+from model.past_tilt import tilted_samples
 from model.quantizer import QuantizerOutput, VectorQuantizer
 
 
@@ -150,6 +151,21 @@ class Autoencoder(nn.Module):
         past = win.t0[:, None] - 1 + torch.arange(-ctx, n, device=wave.device)  # absolute
         ar = past - win.start[:, None]
         samples = wave.gather(1, ar.clamp(0, wave.shape[1] - 1))
+        tilt = self.cfg.decoder.past_tilt if self.training else 0.0
+        if tilt > 0:  # the sample before each: in the row (span's margin frame), or silence
+            previous = wave.gather(1, (ar - 1).clamp(0, wave.shape[1] - 1))
+            previous = torch.where(past > 0, previous, torch.zeros_like(previous))
+            every = self.cfg.decoder.past_tilt_every
+            samples = tilted_samples(
+                samples,
+                previous,
+                tilt,
+                every,
+                seed=win.seed,
+                epoch=win.epoch,
+                utt=win.utt,
+                index=past,
+            )
         gain = self.cfg.decoder.past_gain_db if self.training else 0.0
         if gain > 0:
             every = self.cfg.decoder.past_gain_every

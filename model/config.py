@@ -63,6 +63,11 @@ class DecoderConfig:
     # between knots `past_gain_every` samples apart (`model.past_gain`); 0: the true loudness.
     past_gain_db: float = 0.0
     past_gain_every: int = 1600
+    # Largest coefficient of a first-order tilt filter on the autoregressive input in training,
+    # varying linearly between knots `past_tilt_every` samples apart (`model.past_tilt`); 0: the
+    # true spectrum.
+    past_tilt: float = 0.0
+    past_tilt_every: int = 1600
     cond_kernel: int = 3
     cond_channels: int = 128
     n_speakers: int = 4
@@ -103,6 +108,10 @@ class ModelConfig:
             raise ValueError("decoder.past_gain_db must be a finite number >= 0")
         if self.decoder.past_gain_every < 1:
             raise ValueError("decoder.past_gain_every must be >= 1")
+        if not 0 <= self.decoder.past_tilt < 1:  # NaN fails too
+            raise ValueError("decoder.past_tilt must lie in [0, 1)")
+        if self.decoder.past_tilt_every < 1:
+            raise ValueError("decoder.past_tilt_every must be >= 1")
         f = self.features
         if f.win_length != f.n_fft:
             raise ValueError("features.win_length must equal features.n_fft (no zero padding)")

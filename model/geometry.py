@@ -116,7 +116,8 @@ class Span:
     """The input a run of predictions needs, in absolute padded-utterance coordinates.
 
     ``frames[f0, f1]`` are encoded from samples ``[start, stop)``; the predictions ``[t0, t1)``
-    read their autoregressive input from ``[t0 - ar_context, t1 - 1)`` inside that segment.
+    read their autoregressive input from ``[t0 - ar_context, t1 - 1)`` inside that segment,
+    which also holds the sample before that input unless the input starts the utterance.
     """
 
     t0: int
@@ -252,8 +253,11 @@ class CodecGeometry:
         f0, f1 = max(int(lo) - 1, 0), min(int(hi) + 1, n_frames - 1)
         start, last = self.frame_samples(f0)[0], self.frame_samples(f1)[1]
         ar_lo, _ = self.ar_range(t0)
-        if ar_lo < start or t1 > last + 1:
-            raise AssertionError("the frames' samples must hold the autoregressive context")
+        if max(ar_lo - 1, 0) < start or t1 > last + 1:  # ar_lo - 1: `model.past_tilt` reads it
+            raise AssertionError(
+                "the frames' samples must hold the autoregressive context and the sample before"
+                " it (or start the utterance)"
+            )
         return Span(int(t0), int(t1), f0, f1, int(start), int(last) + 1)
 
     def min_window_samples(self, n_predictions: int = 1) -> int:

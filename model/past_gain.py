@@ -9,9 +9,8 @@ in training is scaled by ``10 ** (g / 20)``, ``g`` a random gain in ``[-G, G]`` 
 linearly between knots ``decoder.past_gain_every`` samples apart, while the targets keep the
 true loudness: the decoder can only learn how loud the next sample is from the codes.
 
-Knot values come from the counter-based hash of `model.jitter` over ``(seed, epoch,
-utterance, knot index)``, so the gain of sample ``s`` is the same in every window that reads
-it and the batched gradient stays the mean of per-prediction gradients
+The gain follows `model.knots`, so the gain of sample ``s`` is the same in every window that
+reads it and the batched gradient stays the mean of per-prediction gradients
 (`training.invariance`).
 """
 
@@ -19,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from model.jitter import uniform_hash
+from model.knots import knot_curve
 
 # Added to the utterance id so the knots' draws are neither jitter's (utterance ids as they
-# are) nor the input noise's (`model.input_noise`, another salt); utterance ids stay far below.
+# are) nor those of the input noise or the tilt (other salts); utterance ids stay far below.
 _SALT = 0x20000000
 
 
@@ -32,12 +31,7 @@ def gain_db(
     """The gain in dB of each element of the broadcast of ``utt`` and ``index`` (absolute
     sample indices of the padded utterance): linear between knots at multiples of ``every``,
     each knot uniform in ``[-max_db, max_db]``."""
-    index = torch.as_tensor(index, dtype=torch.int64)
-    knot = torch.div(index, every, rounding_mode="floor")
-    frac = (index - knot * every).double() / every
-    lo = uniform_hash(seed, epoch, utt + _SALT, knot)
-    hi = uniform_hash(seed, epoch, utt + _SALT, knot + 1)
-    return max_db * (2.0 * (lo + (hi - lo) * frac) - 1.0)
+    return max_db * knot_curve(every, seed, epoch, utt, index, salt=_SALT)
 
 
 def gained_samples(

@@ -419,6 +419,8 @@ def test_span_holds_context_targets_and_margin_frames(which, request):
             assert span.start == geo.frame_samples(span.f0)[0]
             assert span.stop == geo.frame_samples(span.f1)[1] + 1
             assert span.start <= geo.ar_range(t0)[0] and t1 <= span.stop
+            # and the sample before the context, which the past's tilt filter reads
+            assert span.start <= geo.ar_range(t0)[0] - 1 or geo.ar_range(t0)[0] == 0
             assert geo.frames_within(span.start, span.stop) == (span.f0, span.f1)
             lo, hi = geo.slot_range(np.arange(t0, t1))
             assert lo.min() >= span.f0 and hi.max() <= span.f1

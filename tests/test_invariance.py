@@ -76,16 +76,17 @@ def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances()
 AR_INPUT = {
     "input_noise": ({"input_noise": 3.0}, "noisy_classes"),
     "past_gain": ({"past_gain_db": 12.0, "past_gain_every": 7}, "gained_samples"),
+    "past_tilt": ({"past_tilt": 0.6, "past_tilt_every": 7}, "tilted_samples"),
 }
 
 
 @pytest.mark.parametrize("name", AR_INPUT)
 def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, name):
-    """`model.input_noise` moves, and `model.past_gain` scales, each past sample the decoder
-    reads by a draw of its absolute index, so every window reads the same perturbed past and
-    the proof holds. Control: the same draws by position within the window (a per-window
-    draw) give each single-prediction pass another past than the batched window, and the
-    comparison fails."""
+    """`model.input_noise` moves, `model.past_gain` scales and `model.past_tilt` filters each
+    past sample the decoder reads by a draw of its absolute index, so every window reads the
+    same perturbed past and the proof holds. Control: the same draws by position within the
+    window (a per-window draw) give each single-prediction pass another past than the batched
+    window, and the comparison fails."""
     from model import autoencoder
 
     settings, function = AR_INPUT[name]
@@ -104,6 +105,31 @@ def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, nam
     )
     errors = run_case(model, Case(17, 1, True), methods=("ours",))
     assert errors["ours"] > CONTROL_FLOOR, errors
+
+
+def test_a_tilt_filter_started_afresh_in_each_window_breaks_the_proof(monkeypatch):
+    """The tilt reads the sample before each past sample from the window's row. The natural
+    wrong implementation filters each window's past on its own, with silence before its first
+    sample (a zero filter state per window): a single-prediction pass then reads another first
+    sample than the batched window that holds the same prediction, and the comparison fails,
+    while the row-read tilt on the same model passes. One sample of each prediction's field
+    differs, so the error is small, but thousands of times the float64 tolerance."""
+    from model import autoencoder
+
+    cfg = load_model_config("tiny")
+    cfg.decoder.past_tilt, cfg.decoder.past_tilt_every = 0.6, 7
+    model = prepare(cfg, width=8, jitter=0.5)
+    errors = run_case(model, Case(17, 1, True), methods=("ours",))
+    assert errors["ours"] <= TOLERANCE, errors
+    row_read = autoencoder.tilted_samples
+
+    def fresh_state(samples, previous, *a, **kw):
+        previous = torch.cat([torch.zeros_like(previous[:, :1]), samples[:, :-1]], dim=1)
+        return row_read(samples, previous, *a, **kw)
+
+    monkeypatch.setattr(autoencoder, "tilted_samples", fresh_state)
+    errors = run_case(model, Case(17, 1, True), methods=("ours",))
+    assert errors["ours"] > 1e3 * TOLERANCE, errors
 
 
 def test_brute_force_in_chunks_of_windows_equals_one_window_per_pass(tiny):

@@ -133,6 +133,8 @@ TRAINING_ONLY_MODEL_KEYS = frozenset(
         "decoder.input_noise",
         "decoder.past_gain_db",
         "decoder.past_gain_every",
+        "decoder.past_tilt",
+        "decoder.past_tilt_every",
     }
 )
 
