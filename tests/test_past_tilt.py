@@ -45,6 +45,11 @@ def _tone(freq: float, n: int = 16_001) -> torch.Tensor:
     return torch.sin(2 * math.pi * freq / 16_000 * torch.arange(n, dtype=torch.float64))[None]
 
 
+def _block_rms(v: torch.Tensor) -> torch.Tensor:
+    """RMS of 400-sample blocks: short enough that the coefficient barely moves within one."""
+    return v[0].reshape(-1, 400).pow(2).mean(1).sqrt()
+
+
 def test_a_positive_coefficient_brightens_and_a_negative_one_dulls():
     """Where ``a > 0.3`` a 200 Hz tone comes out quieter and a 7 kHz tone louder than it went
     in; where ``a < -0.3`` the other way round: the tilt moves the balance of lows and highs."""
@@ -54,9 +59,7 @@ def test_a_positive_coefficient_brightens_and_a_negative_one_dulls():
     for freq in (200.0, 7000.0):
         x = _tone(freq)
         y = tilted_samples(x[:, 1:], x[:, :-1], 0.6, 1600, seed=5, epoch=0, utt=UTT, index=index)
-        # per-block RMS ratio, blocks short enough that ``a`` barely moves within one
-        blocks = lambda v: v[0].reshape(-1, 400).pow(2).mean(1).sqrt()  # noqa: E731
-        ratio[freq] = blocks(y) / blocks(x[:, 1:])
+        ratio[freq] = _block_rms(y) / _block_rms(x[:, 1:])
     block_a = a.reshape(-1, 400).mean(1)
     bright, dull = block_a > 0.3, block_a < -0.3
     assert bright.any() and dull.any()
