@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def get_parser() -> argparse.ArgumentParser:
         "--primer-wav",
         default=None,
         help="clean speech that later segments start from (default: the first held-out clip)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="the decoder samples from softmax(logits / T); below 1 sharper (default 1)",
     )
     p.add_argument("--notice", default=None, help="a caveat stored in model.json for users")
     p.add_argument(
@@ -113,6 +120,8 @@ def main(argv=None) -> int:
         return requantize(args)
     if not (args.checkpoint and args.out):
         parser.error("--checkpoint and --out are required (or --requantize-int8 DIR)")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        parser.error(f"--temperature must be a positive number, not {args.temperature}")
     out = Path(args.out)
     if not Path(args.checkpoint).is_file():
         return fatal(f"no checkpoint {args.checkpoint}")
@@ -149,6 +158,7 @@ def main(argv=None) -> int:
             quality_waves=waves,
             quality_samples=args.eval_samples,
             notice=args.notice,
+            temperature=args.temperature,
         )
     except ExportMismatch as e:
         return fatal(str(e))

@@ -239,10 +239,11 @@ def export_step(step: DecoderStep, step_args: tuple, path: Path, *, fused: bool)
     )
 
 
-def export_graphs(model: Autoencoder, out: Path) -> DecoderStep:
-    """Write the three fp32 graphs into ``out``; returns the step module they came from."""
+def export_graphs(model: Autoencoder, out: Path, temperature: float = 1.0) -> DecoderStep:
+    """Write the fp32 graphs into ``out``, the step sampling at ``temperature``; returns the
+    step module they came from."""
     model = model.eval()
-    step = DecoderStep(model.decoder).eval()
+    step = DecoderStep(model.decoder, temperature).eval()
     wave, cond_args, step_args, warm_args = example_inputs(model, step)
     batch = {0: "batch"}
     _export(
@@ -573,7 +574,7 @@ def verify(model: Autoencoder, step: DecoderStep, out: Path, batch: int = 3) -> 
     errors["step_logits_max_abs"] = _max_err(logits, ref.logits)
     errors["step_current_max_abs"] = _max_err(np.concatenate(current, 1), ref.current)
     # The class may differ only where the noise sits on a CDF boundary within tolerance.
-    cdf = torch.softmax(ref.logits.double(), 1).cumsum(1)
+    cdf = torch.softmax(ref.logits.double() / step.temperature, 1).cumsum(1)
     near = (cdf - step_args[3].double()[:, None]).abs().min(1).values < TOLERANCE
     errors["step_sample_mismatches"] = int(((sample != ref.sample.numpy()) & ~near.numpy()).sum())
     feeds = {k: v.numpy() for k, v in zip(("prev", "cond", "index"), warm_args)}
@@ -617,19 +618,26 @@ def export_model(
     quality_samples: int = 8000,
     notice: str | None = None,
     per_row: bool = True,
+    temperature: float = 1.0,
 ) -> dict:
     """Export, verify and describe a model; returns the ``model.json`` contents.
 
     ``notice``: a caveat for users (e.g. how briefly the model was trained), shown by the app;
+    ``temperature``: the step graphs (fp32 and int8) sample from ``softmax(logits /
+    temperature)``, recorded as "sampling_temperature" (their ``logits`` output is unchanged);
     ``per_row``: the int8 step's activation scales per row (``False``: per call, whose samples
     depend on the batch; for comparisons).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    step = export_graphs(model, out)
+    step = export_graphs(model, out, temperature)
     errors = verify(model, step, out)
-    extra = {"verification": errors, **({"notice": notice} if notice else {})}
+    extra = {
+        "verification": errors,
+        "sampling_temperature": step.temperature,
+        **({"notice": notice} if notice else {}),
+    }
     if int8:
         quantize_int8(model, step, out, per_row=per_row)
         extra["int8_activations"] = PER_ROW if per_row else "per_call"

@@ -14,6 +14,7 @@ The dilated convolutions' biases are folded into the conditioning (`condition`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,8 +51,13 @@ class DecoderStep(nn.Module):
     hold inputs without them (see `StepOutput.current`).
     """
 
-    def __init__(self, decoder: WaveNetDecoder):
+    def __init__(self, decoder: WaveNetDecoder, temperature: float = 1.0):
+        """``temperature``: `layers` samples from ``softmax(logits / temperature)`` (below 1
+        sharper, towards the likeliest classes); ``logits`` stay the model's own."""
         super().__init__()
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"a sampling temperature must be a positive number, not {temperature}")
+        self.temperature = float(temperature)
         cfg = decoder.cfg
         self.dilations = list(decoder.dilations)
         self.kernel = k = cfg.kernel_size
@@ -172,8 +178,8 @@ class DecoderStep(nn.Module):
                 one product, which saves a quantised product and a sum per layer.
 
         Returns:
-            ``(sample [B], logits [B, Q], current)``, ``current`` being ``L`` tensors
-            ``[B, R]`` (see `StepOutput`).
+            ``(sample [B], logits [B, Q], current)``, ``sample`` drawn at `temperature`,
+            ``current`` being ``L`` tensors ``[B, R]`` (see `StepOutput`).
         """
         g, n, r, taps = self.gate, self.n_layers, self.residual_channels, self.kernel - 1
 
@@ -199,7 +205,8 @@ class DecoderStep(nn.Module):
         skips = torch.cat(gates, 1) @ self.skip_w + self.skip_b  # [B, S]
         h = torch.relu(torch.relu(skips) @ self.head1_w + self.head1_b)
         logits = h @ self.head2_w + self.head2_b  # [B, Q]
-        cdf = torch.cumsum(torch.softmax(logits, dim=1), dim=1)
+        sharp = logits if self.temperature == 1.0 else logits / self.temperature
+        cdf = torch.cumsum(torch.softmax(sharp, dim=1), dim=1)
         q = logits.shape[1]
         sample = (cdf < noise[:, None]).to(torch.int64).sum(1).clamp(max=q - 1)
         return sample, logits, inputs

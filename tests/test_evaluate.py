@@ -258,6 +258,7 @@ def test_table_and_card_show_the_rows(report):
     assert card.startswith("# Model card: ")
     assert "test model with random weights" in card and markdown_table(data["rows"]) in card
     assert "corpus: test clips" in card and "--heldout-voice Carlo" in card
+    assert data["meta"]["sampling_temperature"] == 1.0 and "sampling temperature 1," in card
     assert card.endswith("\n\n## Training\n\nTwo steps on a laptop.\n")  # --card-notes
     extra = model_card(data, {"Training": {"config": "tiny", "steps": 0}, "Notes": "None."})
     assert extra.endswith(

@@ -164,9 +164,10 @@ def test_conditioner_and_step_match_pytorch_to_1e4(tiny):
     torch.testing.assert_close(torch.cat(current2, 1), ref.current, atol=1e-5, rtol=0)
 
 
-def test_step_samples_by_inverse_cdf_of_the_softmax(tiny):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_step_samples_by_inverse_cdf_of_the_softmax(tiny, temperature):
     model, _, _, _ = tiny
-    step = DecoderStep(model.decoder).eval()
+    step = DecoderStep(model.decoder, temperature).eval()
     b = 20000
     g = torch.Generator().manual_seed(1)
     args = (
@@ -177,7 +178,7 @@ def test_step_samples_by_inverse_cdf_of_the_softmax(tiny):
     )
     with torch.no_grad():
         out = step(*args)
-    cdf = torch.softmax(out.logits[0].double(), 0).cumsum(0)
+    cdf = torch.softmax(out.logits[0].double() / temperature, 0).cumsum(0)
     c, u = out.sample, args[3].double()
     # Each class is the first whose CDF reaches the noise ...
     assert bool((cdf[c] >= u - 1e-6).all())
@@ -186,6 +187,48 @@ def test_step_samples_by_inverse_cdf_of_the_softmax(tiny):
     # ... so the draws follow the softmax (Kolmogorov-Smirnov, alpha ~ 1e-3).
     empirical = torch.bincount(c, minlength=256).double().cumsum(0) / b
     assert (empirical - cdf).abs().max() < 1.95 / b**0.5
+
+
+def inverse_cdf(logits: np.ndarray, noise: np.ndarray, temperature: float) -> np.ndarray:
+    """The class each row's noise picks from ``softmax(logits / temperature)``."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max(1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(1, keepdims=True), 1)
+    return np.minimum((cdf < noise[:, None]).sum(1), logits.shape[1] - 1)
+
+
+def test_cli_temperature_sharpens_the_fp32_and_int8_steps(tiny, tmp_path, capsys):
+    """``--temperature`` changes what the step graphs draw, not the distribution they report:
+    the logits equal a plain export's, the samples follow ``softmax(logits / T)`` in fp32 and
+    int8, and a plain export's samples (the control) follow ``softmax(logits)``."""
+    model, plain, _, ckpt = tiny
+    out = tmp_path / "sharp"
+    args = ["--checkpoint", str(ckpt), "--out", str(out), "--int8", "--eval-samples", "500"]
+    assert export_main([*args, "--temperature", "0.5"]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["sampling_temperature"] == 0.5 and Codec(out).sampling_temperature == 0.5
+    assert Codec(plain).sampling_temperature == 1.0
+    step = DecoderStep(model.decoder).eval()
+    b, g = 4000, torch.Generator().manual_seed(2)
+    past = torch.randn(step.n_layers, b, (step.kernel - 1) * step.residual_channels, generator=g)
+    cond = torch.randn(b, step.n_layers * 2 * step.gate, generator=g)
+    prev = torch.randint(0, 256, (b,), generator=g)
+    feeds = step_feeds(step, prev, past, cond, torch.rand(b, generator=g))
+    noise = feeds["noise"]
+    _, ref_logits, *_ = session(plain / "decoder_step.onnx").run(None, feeds)
+    for name, atol in (("decoder_step.onnx", 1e-5), ("decoder_step.int8.onnx", 0.5)):
+        sample, logits, *_ = session(out / name).run(None, feeds)
+        np.testing.assert_allclose(logits, ref_logits, atol=atol, rtol=0)
+        assert (sample == inverse_cdf(logits, noise, 0.5)).mean() > 0.999
+        assert (sample != inverse_cdf(logits, noise, 1.0)).mean() > 0.05
+    sample, logits, *_ = session(plain / "decoder_step.onnx").run(None, feeds)
+    assert (sample == inverse_cdf(logits, noise, 1.0)).mean() > 0.999
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            export_main([*args, "--force", "--temperature", bad])
+        assert "--temperature must be a positive number" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="positive"):
+        DecoderStep(model.decoder, 0.0)
 
 
 # --- incremental generation equals the parallel model ---------------------------------------------

@@ -571,6 +571,7 @@ def evaluate(
         "codebook_size": codec.codebook_size,
         "speakers": codec.speakers,
         "precision": "int8" if codec.int8 else "fp32",
+        "sampling_temperature": codec.sampling_temperature,
         "data": str(groups_plan.root),
         "source": groups_plan.source,
         "split": groups_plan.split,
@@ -662,7 +663,8 @@ def model_card(report: dict, sections: Mapping[str, str | Mapping] | None = None
         "utterances": f"up to {meta['limit']} per group (seeded sample)"
         if meta["limit"]
         else "all",
-        "engine": f"vqwavenet, {meta['precision']}, seed {meta['seed']}",
+        "engine": f"vqwavenet, {meta['precision']}, sampling temperature "
+        f"{meta.get('sampling_temperature', 1.0):g}, seed {meta['seed']}",
     }
     if meta.get("command"):
         what["command"] = f"`{meta['command']}`"

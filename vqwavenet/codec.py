@@ -254,6 +254,12 @@ class Codec:
         (`vqwavenet.model_dir.codes_hash`)."""
         return codes_hash(self.meta)
 
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature the step graph samples at, fixed at export (``python -m export
+        --temperature``): each sample is drawn from ``softmax(logits / T)``."""
+        return float(self.meta.get("sampling_temperature", 1.0))
+
     # --- primers ------------------------------------------------------------------------------
 
     def _load_primers(self, check_hashes: bool) -> dict[int | None, np.ndarray]:
