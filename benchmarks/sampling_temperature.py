@@ -49,8 +49,10 @@ def _output_projection(graph) -> tuple[str, str]:
 
 
 def with_temperature(model_dir: Path, out: Path, temperature: float) -> Path:
-    """A copy of ``model_dir`` in ``out`` whose step graph's logits are divided by
-    ``temperature``, with its hash in ``model.json`` and ``sampling_temperature`` recorded."""
+    """A copy of ``model_dir`` in ``out`` whose fp32 step graph's logits are divided by
+    ``temperature``, with its hash in ``model.json`` and the temperature it now samples at
+    recorded: ``temperature`` times the one it was exported with (``python -m export
+    --temperature``, which divides only what the graph samples from)."""
     import onnx
     from onnx import numpy_helper
 
@@ -69,7 +71,7 @@ def with_temperature(model_dir: Path, out: Path, temperature: float) -> Path:
     onnx.save(proto, graph_file)
     meta = json.loads((out / "model.json").read_text())
     meta["files"][STEP_GRAPH] = hashlib.sha256(graph_file.read_bytes()).hexdigest()
-    meta["sampling_temperature"] = temperature
+    meta["sampling_temperature"] = meta.get("sampling_temperature", 1.0) * temperature
     (out / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 

@@ -23,6 +23,8 @@ def test_the_copy_divides_the_logits_and_records_the_temperature(app_model_dir, 
     (got,) = Codec(copy).teacher_forced([wave], 1)  # and its hash still checks
     np.testing.assert_allclose(got, want / 0.5, rtol=1e-4, atol=1e-4)
     assert json.loads((copy / "model.json").read_text())["sampling_temperature"] == 0.5
+    twice = with_temperature(copy, tmp_path / "T0.25", 0.5)  # temperatures compose
+    assert Codec(twice).sampling_temperature == 0.25
     (same,) = Codec(with_temperature(app_model_dir, tmp_path / "T1", 1.0)).teacher_forced([wave], 1)
     np.testing.assert_allclose(same, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="positive"):
