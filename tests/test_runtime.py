@@ -27,7 +27,7 @@ from vqwavenet.folding import Fold
 
 ROOT = Path(__file__).resolve().parent.parent
 # What int8 may cost the bundled model, teacher-forced (nats/sample): a thousandth of its
-# cross-entropy; quantising the output head as well costs it about twice this.
+# cross-entropy; quantising the output head as well costs it two to three times this.
 BUNDLED_INT8_BOUND = 4e-3
 
 
@@ -772,7 +772,7 @@ def test_int8_step_keeps_only_the_output_head_in_fp32(tmp_path):
 
 def test_bundled_int8_costs_under_four_thousandths_of_a_nat():
     """Teacher-forced on the test clips, the bundled model's int8 step stays within
-    `BUNDLED_INT8_BOUND` of fp32. Control: quantising the output head too costs it about twice
+    `BUNDLED_INT8_BOUND` of fp32. Control: quantising the output head too costs it 2-3 times
     the bound (``benchmarks/README.md``, int8)."""
     bundled = BUNDLED_MODEL
     waves = [clip(name, 8000) for name in ("activated", "agent-newlocation", "auth-incorrect")]
