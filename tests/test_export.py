@@ -208,6 +208,7 @@ def test_cli_temperature_sharpens_the_fp32_and_int8_steps(tiny, tmp_path, capsys
     meta = json.loads((out / "model.json").read_text())
     assert meta["sampling_temperature"] == 0.5 and Codec(out).sampling_temperature == 0.5
     assert Codec(plain).sampling_temperature == 1.0
+    assert Codec(out).codes_hash == Codec(plain).codes_hash  # each decodes the other's codes
     step = DecoderStep(model.decoder).eval()
     b, g = 4000, torch.Generator().manual_seed(2)
     past = torch.randn(step.n_layers, b, (step.kernel - 1) * step.residual_channels, generator=g)
