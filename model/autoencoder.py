@@ -20,6 +20,7 @@ from model.features import MFCC
 from model.geometry import CodecGeometry, Conv, hull
 from model.input_noise import noisy_classes
 from model.jitter import slot_frames
+from model.past_draws import chosen, drawn_classes
 from model.past_gain import gained_samples
 from model.past_tilt import tilted_samples
 from model.quantizer import QuantizerOutput, VectorQuantizer
@@ -102,6 +103,7 @@ class Autoencoder(nn.Module):
             conditioning=self.decoder.conditioning_layers(hop, shift),
             wavenet=self.decoder.wavenet_layers(),
             ar_input=Conv(1, offset=-1),
+            drawn_past=cfg.decoder.past_draws > 0,
         )
 
     # --- utterance level ----------------------------------------------------------------------
@@ -136,21 +138,23 @@ class Autoencoder(nn.Module):
 
         t = win.t0[:, None] + torch.arange(n, device=wave.device)  # [B, N]
         lo, hi = geo.slot_range(t)
-        k0 = lo[:, :1]
-        n_slots = geo.slots_spanned(n)  # static: at least every row's hi(t0 + n - 1) - k0 + 1
+        draws = self.cfg.decoder.past_draws if self.training else 0.0
+        # With drawn pasts, a first pass also predicts the ar_context samples before t0.
+        lead = geo.ar_context if draws > 0 else 0
+        k0 = geo.slot_range(win.t0 - lead)[0][:, None]
+        n_slots = geo.slots_spanned(n + lead)  # static: every row's slots from k0 on
         slots = k0 + torch.arange(n_slots, device=wave.device)  # absolute slots [B, n_slots]
         frames = self.route(slots, win)
         local = (frames - win.frame0[:, None]).clamp(0, n_local - 1)
         vecs = q.quantized.gather(1, local[..., None].expand(-1, -1, q.quantized.shape[-1]))
         cond = self.decoder.condition(vecs.transpose(1, 2), win.speaker)  # [B, L*2G, C]
 
-        ctx = geo.wavenet_context
-        first = self.decoder.wavenet_layers()[0].span
-        times = win.t0[:, None] + torch.arange(-ctx + first, n, device=wave.device)
-        cond_index = (geo.cond_index(times) - k0).clamp(0, cond.shape[-1] - 1)
-        past = win.t0[:, None] - 1 + torch.arange(-ctx, n, device=wave.device)  # absolute
+        past, cond_index = self._decoder_indices(win.t0, n, k0, cond.shape[-1])
         ar = past - win.start[:, None]
         samples = wave.gather(1, ar.clamp(0, wave.shape[1] - 1))
+        q_ch = self.cfg.decoder.quantization_channels
+        if draws > 0:
+            samples = self._with_draws(wave, win, cond, k0, past, samples, draws)
         tilt = self.cfg.decoder.past_tilt if self.training else 0.0
         if tilt > 0:  # the sample before each: in the row (span's margin frame), or silence
             previous = wave.gather(1, (ar - 1).clamp(0, wave.shape[1] - 1))
@@ -172,7 +176,6 @@ class Autoencoder(nn.Module):
             samples = gained_samples(
                 samples, gain, every, seed=win.seed, epoch=win.epoch, utt=win.utt, index=past
             )
-        q_ch = self.cfg.decoder.quantization_channels
         classes = mulaw.encode(samples, q_ch)
         sigma = self.cfg.decoder.input_noise if self.training else 0.0
         if sigma > 0:
@@ -195,6 +198,32 @@ class Autoencoder(nn.Module):
         )
         self.quantizer.watch(q, z)  # last: it is a graph break under torch.compile
         return out
+
+    def _decoder_indices(self, t0: torch.Tensor, n: int, k0: torch.Tensor, n_cond: int):
+        """For predictions ``[t0, t0 + n)``: the absolute indices of the past samples the
+        decoder reads ``[B, n + wavenet_context]`` and the conditioning index of each decoder
+        time from the first layer's first output on (relative to slot ``k0``)."""
+        ctx = self.geometry.wavenet_context
+        first = self.decoder.wavenet_layers()[0].span
+        times = t0[:, None] + torch.arange(-ctx + first, n, device=t0.device)
+        cond_index = (self.geometry.cond_index(times) - k0).clamp(0, n_cond - 1)
+        past = t0[:, None] - 1 + torch.arange(-ctx, n, device=t0.device)
+        return past, cond_index
+
+    @torch.no_grad()
+    def _with_draws(self, wave, win, cond, k0, past, samples, fraction: float) -> torch.Tensor:
+        """``samples`` (the true past at absolute ``past``) with a ``fraction`` of them
+        replaced by the decoder's draws given the true past before each (`model.past_draws`);
+        samples before the first valid prediction stay the padding's silence."""
+        geo, q_ch = self.geometry, self.cfg.decoder.quantization_channels
+        first_past = past[:, 0]
+        inputs, cond_index = self._decoder_indices(first_past, past.shape[1], k0, cond.shape[-1])
+        true = wave.gather(1, (inputs - win.start[:, None]).clamp(0, wave.shape[1] - 1))
+        logits = self.decoder(mulaw.encode(true, q_ch), cond, cond_index)  # predicts `past`
+        key = {"seed": win.seed, "epoch": win.epoch, "utt": win.utt, "index": past}
+        drawn = mulaw.decode(drawn_classes(logits, **key), q_ch).to(samples.dtype)
+        replace = chosen(fraction, **key) & (past >= geo.pad_left)
+        return torch.where(replace, drawn, samples)
 
     def route(self, slots: torch.Tensor, win: Windows) -> torch.Tensor:
         """Frame ``pi(k)`` carried by each absolute slot ``[B, n_slots]``: jittered in

@@ -68,6 +68,9 @@ class DecoderConfig:
     # true spectrum.
     past_tilt: float = 0.0
     past_tilt_every: int = 1600
+    # Fraction of the past samples the decoder reads in training replaced by its own draws,
+    # each predicted from the true past before it (`model.past_draws`); 0: the true past.
+    past_draws: float = 0.0
     cond_kernel: int = 3
     cond_channels: int = 128
     n_speakers: int = 4
@@ -112,6 +115,13 @@ class ModelConfig:
             raise ValueError("decoder.past_tilt must lie in [0, 1)")
         if self.decoder.past_tilt_every < 1:
             raise ValueError("decoder.past_tilt_every must be >= 1")
+        if not 0 <= self.decoder.past_draws <= 1:  # NaN fails too
+            raise ValueError("decoder.past_draws must lie in [0, 1]")
+        if self.decoder.past_draws > 0 and self.decoder.past_tilt > 0:
+            raise ValueError(
+                "decoder.past_draws and decoder.past_tilt cannot be combined: the tilt reads the"
+                " sample before each past sample from the true waveform"
+            )
         f = self.features
         if f.win_length != f.n_fft:
             raise ValueError("features.win_length must equal features.n_fft (no zero padding)")

@@ -136,6 +136,9 @@ class CodecGeometry:
         conditioning: chain from slots to decoder time (conditioning conv, upsampling).
         wavenet: the WaveNet layers in order; each adds conditioning at its own output time.
         ar_input: the layer from samples to the WaveNet input (``x[t-1]`` feeds time ``t``).
+        drawn_past: training replaces past samples by the decoder's draws (`model.past_draws`),
+            each predicted from the true samples before it: a window's segment must then also
+            hold the input of predictions ``[t0 - ar_context, t0)`` (see `span`).
     """
 
     def __init__(
@@ -144,7 +147,9 @@ class CodecGeometry:
         conditioning: Sequence[Layer],
         wavenet: Sequence[Conv],
         ar_input: Conv,
+        drawn_past: bool = False,
     ):
+        self.drawn_past = drawn_past
         self.encoder = tuple(encoder)
         self.conditioning = tuple(conditioning)
         self.wavenet = tuple(wavenet)
@@ -240,10 +245,14 @@ class CodecGeometry:
     def span(self, t0: int, t1: int, n_frames: int) -> Span:
         """Input needed for predictions ``[t0, t1)`` of an utterance with ``n_frames`` frames:
         frames ``[lo(t0) - 1, hi(t1 - 1) + 1]`` clamped to the utterance (one margin frame each
-        side, because jitter may reach one frame out)."""
+        side, because jitter may reach one frame out). With ``drawn_past`` the frames and
+        samples are those of predictions ``[max(t0 - ar_context, pad_left), t1)``: each past
+        sample the window reads may be a draw predicted from its own context (the padding's
+        silence before ``pad_left`` is never replaced)."""
         if t1 <= t0:
             raise ValueError(f"a window needs at least one prediction, got [{t0}, {t1})")
-        lo, _ = self.slot_range(t0)
+        first = min(t0, max(t0 - self.ar_context, self.pad_left)) if self.drawn_past else t0
+        lo, _ = self.slot_range(first)
         _, hi = self.slot_range(t1 - 1)
         if lo < 0 or hi > n_frames - 1:
             raise ValueError(
@@ -252,7 +261,7 @@ class CodecGeometry:
             )
         f0, f1 = max(int(lo) - 1, 0), min(int(hi) + 1, n_frames - 1)
         start, last = self.frame_samples(f0)[0], self.frame_samples(f1)[1]
-        ar_lo, _ = self.ar_range(t0)
+        ar_lo, _ = self.ar_range(first)
         if max(ar_lo - 1, 0) < start or t1 > last + 1:  # ar_lo - 1: `model.past_tilt` reads it
             raise AssertionError(
                 "the frames' samples must hold the autoregressive context and the sample before"

@@ -22,8 +22,18 @@ def setup():
     return model, wave, win, n
 
 
-def test_training_forward_is_one_graph(setup):
-    model, wave, win, n = setup
+@pytest.fixture(params=[0.0, 0.5], ids=["true-past", "drawn-past"])
+def past(request, setup):
+    """The forward as it is, and with the gradient-free first pass of `model.past_draws` (the
+    tiny geometry's windows already hold that pass's context)."""
+    model = setup[0]
+    model.cfg.decoder.past_draws = request.param
+    yield setup
+    model.cfg.decoder.past_draws = 0.0
+
+
+def test_training_forward_is_one_graph(past):
+    model, wave, win, n = past
     torch._dynamo.reset()
     ex = torch._dynamo.explain(model)(wave, win, n)
     stops = [(r.reason.splitlines()[0], r.user_stack[-1].line) for r in ex.break_reasons]
@@ -32,9 +42,9 @@ def test_training_forward_is_one_graph(setup):
     assert all("self.quantizer.watch" in line for _, line in stops), stops
 
 
-def test_compiled_step_equals_the_eager_step(setup):
+def test_compiled_step_equals_the_eager_step(past):
     """Logits, loss, every gradient and the codebook's usage statistics (float64)."""
-    model, wave, win, n = setup
+    model, wave, win, n = past
     results = []
     torch._dynamo.reset()
     for forward in (model, torch.compile(model)):

@@ -77,13 +77,15 @@ AR_INPUT = {
     "input_noise": ({"input_noise": 3.0}, "noisy_classes"),
     "past_gain": ({"past_gain_db": 12.0, "past_gain_every": 7}, "gained_samples"),
     "past_tilt": ({"past_tilt": 0.6, "past_tilt_every": 7}, "tilted_samples"),
+    "past_draws": ({"past_draws": 0.5}, "chosen"),
 }
 
 
 @pytest.mark.parametrize("name", AR_INPUT)
 def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, name):
     """`model.input_noise` moves, `model.past_gain` scales and `model.past_tilt` filters each
-    past sample the decoder reads by a draw of its absolute index, so every window reads the
+    past sample the decoder reads by a draw of its absolute index, and `model.past_draws`
+    replaces it by the decoder's own draw at a hashed choice, so every window reads the
     same perturbed past and the proof holds. Control: the same draws by position within the
     window (a per-window draw) give each single-prediction pass another past than the batched
     window, and the comparison fails."""

@@ -135,6 +135,7 @@ TRAINING_ONLY_MODEL_KEYS = frozenset(
         "decoder.past_gain_every",
         "decoder.past_tilt",
         "decoder.past_tilt_every",
+        "decoder.past_draws",
     }
 )
 
