@@ -95,9 +95,9 @@ def test_primed_segments_start_as_loud_as_an_unbroken_decode(tmp_path):
     """What the primer is for: sampled, the bundled model's later segments are about as loud
     as the unbroken decode over their first 160 samples. The primer's level carries into
     them: from primers at a tenth of their level (the control) they start far quieter. (From
-    silence, ``"steady"``, the models bundled before started at another loudness,
-    `benchmarks.segment_loudness`; the present one, which takes loudness from its codes,
-    starts near the right level from silence too.)"""
+    silence, ``"steady"``, every bundled model so far started at another loudness, and the
+    present one also from its primers at their excerpts' own level, which is why they are
+    scaled by +3.5 dB: `benchmarks.segment_loudness`, the bundled PRIMERS.md.)"""
     quiet = quiet_primers(BUNDLED, tmp_path / "quiet", 0.1)
     codecs = {"primed": Codec(BUNDLED), "quiet": Codec(quiet)}
     n, segment, head = 10000, 2500, 160

