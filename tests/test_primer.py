@@ -177,6 +177,30 @@ def test_primer_cli_writes_the_primer_the_codec_then_starts_from(tmp_path, capsy
     assert "no model.json" in capsys.readouterr().err
 
 
+def test_a_primer_gain_scales_the_same_excerpt_and_refuses_to_clip(tmp_path, capsys):
+    """``--gain-db`` scales the excerpt the clip's level would give (the choice does not
+    depend on the level), says so in ``"source"``, and refuses a gain that would clip. The
+    bundled primers are their excerpts at +3.5 dB (PRIMERS.md)."""
+    plain, louder = tmp_path / "plain", tmp_path / "louder"
+    for out in (plain, louder):
+        shutil.copytree(BUNDLED, out)
+    wav = str(DATA / "auth-incorrect.wav")
+    assert main(["--model", str(plain), "--wav", wav]) == 0
+    assert main(["--model", str(louder), "--wav", wav, "--gain-db", "3.5"]) == 0
+    capsys.readouterr()
+    a, b = (json.loads((m / "model.json").read_text())["primer"] for m in (plain, louder))
+    assert b["source"] == a["source"] + " at +3.5 dB"
+    quiet, _ = sf.read(plain / PRIMER_FILE, dtype="float64")
+    loud, _ = sf.read(louder / PRIMER_FILE, dtype="float64")
+    np.testing.assert_allclose(loud, quiet * 10 ** (3.5 / 20), atol=2 / 32768)
+    assert not np.array_equal(Codec(louder).primed_state(0)[0], Codec(plain).primed_state(0)[0])
+    assert main(["--model", str(louder), "--wav", wav, "--gain-db", "40"]) == 1
+    assert "clips" in capsys.readouterr().err
+    assert json.loads((louder / "model.json").read_text())["primer"] == b  # unchanged
+    bundled = json.loads((BUNDLED / "model.json").read_text())["primer"]
+    assert bundled["source"].endswith(" at +3.5 dB")
+
+
 def test_a_voice_with_its_own_primer_starts_from_it(tmp_path, capsys):
     """``--speaker`` writes a voice's own primer; a decode in that voice starts from it, the
     others from the shared one. The bundled model has one for each voice but Allison's, whose

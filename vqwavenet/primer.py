@@ -25,6 +25,7 @@ No torch: numpy, soundfile and the engine's model-directory helpers.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,10 +72,18 @@ def choose_excerpt(wave: np.ndarray, length: int, block: int = 320) -> tuple[int
 
 
 def write_primer(
-    model_dir: str | Path, wave: np.ndarray, source: str, speaker: str | None = None
+    model_dir: str | Path,
+    wave: np.ndarray,
+    source: str,
+    speaker: str | None = None,
+    gain_db: float = 0.0,
 ) -> dict:
     """Write a primer of ``model_dir`` from ``wave`` (mono float at the model rate) and record
     it in ``model.json`` (each file written aside, then renamed). Returns its entry.
+
+    ``gain_db`` scales the chosen excerpt: a model whose segments start quieter or louder than
+    its unbroken decode from a primer at the clip's level needs its primer louder or quieter
+    (`benchmarks.segment_loudness` measures it). An excerpt that would clip is refused.
 
     Without ``speaker`` it is the primer every voice starts from (``primer.wav``); with one,
     that voice's own (``primer.<index>.wav``, under ``"speakers"``), which the engine prefers
@@ -89,16 +98,23 @@ def write_primer(
             raise ValueError("write the default primer (no --speaker) first")
         name = speaker_primer_file(meta["speakers"].index(speaker))
     length = geometry_from_spec(meta["geometry"]).wavenet_context + 1
+    if not math.isfinite(gain_db):
+        raise ValueError(f"the primer's gain must be a finite number of dB, not {gain_db}")
     start, end = choose_excerpt(wave, length)
+    excerpt = np.asarray(wave[start:end], dtype=np.float64) * 10 ** (gain_db / 20)
+    if np.abs(excerpt).max() >= 1.0:
+        raise ValueError(
+            f"at {gain_db:+.1f} dB the excerpt clips (peak {np.abs(excerpt).max():.2f})"
+        )
     path = model_dir / name
     tmp = path.with_name(path.name + ".tmp")
-    sf.write(tmp, wave[start:end], int(meta["sample_rate"]), subtype="PCM_16", format="WAV")
+    sf.write(tmp, excerpt, int(meta["sample_rate"]), subtype="PCM_16", format="WAV")
     os.replace(tmp, path)
     entry = {
         "file": name,
         "sha256": file_sha256(path),
         "samples": length,
-        "source": f"{source} [{start}:{end}]",
+        "source": f"{source} [{start}:{end}]" + (f" at {gain_db:+.1f} dB" if gain_db else ""),
     }
     if speaker is None:
         meta["primer"] = {**entry, "speakers": meta.get("primer", {}).get("speakers", {})}
@@ -115,6 +131,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an exported model directory")
     p.add_argument("--wav", required=True, help="a clip of clean speech (any rate, any format)")
     p.add_argument("--speaker", help="the voice whose own primer this is (default: every voice's)")
+    p.add_argument(
+        "--gain-db",
+        type=float,
+        default=0.0,
+        help="scale the excerpt by this many dB (default 0: the clip's level); for a model "
+        "whose segments start too quiet or too loud (python -m benchmarks.segment_loudness)",
+    )
     return p
 
 
@@ -123,7 +146,7 @@ def main(argv=None) -> int:
     try:
         rate = int(read_meta(args.model, check_format=False)["sample_rate"])
         wave = load_audio(args.wav, rate)
-        entry = write_primer(args.model, wave, Path(args.wav).name, args.speaker)
+        entry = write_primer(args.model, wave, Path(args.wav).name, args.speaker, args.gain_db)
     except (AudioError, ValueError) as e:  # ModelDirError is a ValueError
         print(f"error: {args.wav}: {e}", file=sys.stderr)
         return 1
