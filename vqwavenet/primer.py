@@ -102,7 +102,7 @@ def write_primer(
         raise ValueError(f"the primer's gain must be a finite number of dB, not {gain_db}")
     start, end = choose_excerpt(wave, length)
     excerpt = np.asarray(wave[start:end], dtype=np.float64) * 10 ** (gain_db / 20)
-    if np.abs(excerpt).max() >= 1.0:
+    if np.abs(excerpt).max() > 1.0:  # full scale itself is what the clip already allowed
         raise ValueError(
             f"at {gain_db:+.1f} dB the excerpt clips (peak {np.abs(excerpt).max():.2f})"
         )
