@@ -1,7 +1,8 @@
 """Does guiding the decoder towards its codes make a resynthesis more intelligible?
 
     python -m benchmarks.code_guidance --checkpoint CKPT --data data/asterisk-fillets \
-        --speakers Allison --limit 12 --weights 0 0.3 --null mean constant --seed 0
+        --speakers Allison --limit 12 --weights 0 0.3 --null mean constant --seed 0 \
+        [--temperature 0.7]
 
 The long runs' resyntheses follow their own sampled past more than the codes (docs/TRAINING.md,
 "What goes wrong"). Guidance, as in classifier-free guidance, pushes every step's logits away
@@ -9,6 +10,8 @@ from those under conditioning that carries no timing:
 
     logits = l(codes) + w * (l(codes) - l(null))
 
+and draws from ``softmax(logits / T)`` (``--temperature``, as `python -m export --temperature`
+bakes into a model's step graphs; a bundled model's is in its ``model.json``).
 ``null`` is either the time mean of the utterance's own conditioning (``mean``: its speaker and
 average timbre, no timing) or its most frequent code on every frame (``constant``). Both
 branches are fed the same drawn sample, so guidance doubles the decoder's work; ``w = 0`` is
@@ -73,6 +76,7 @@ def generate(
     weight: float,
     seed: int,
     *,
+    temperature: float = 1.0,
     record: bool = False,
 ):
     """Sample ``B`` utterances together; returns ``(classes [B, T], fed, logits)``.
@@ -81,12 +85,15 @@ def generate(
     padding and past an utterance's end). Steps start ``wavenet_context`` samples before time
     0 on silence, so the first real prediction's receptive field holds no ring's initial zeros.
     With ``record``, ``fed [B, S]`` holds the class fed at each step and ``logits [B, S, Q]``
-    the conditional branch's logits (for checking against the parallel decoder).
+    the conditional branch's logits (for checking against the parallel decoder). Draws come
+    from ``softmax(guided logits / temperature)``.
     """
     geo, n = model.geometry, len(conds)
     guided = weight != 0
     if guided and nulls is None:
         raise ValueError("a guidance weight needs null conditionings")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise ValueError(f"a sampling temperature must be a positive number, not {temperature}")
     ctx = geo.wavenet_context
     total = max(left + m for left, m in zip(lefts, lengths))
     times = np.arange(-ctx, total)
@@ -127,7 +134,7 @@ def generate(
         if guided:
             logits = logits + weight * (logits - out.logits[n:])
         u = noise[s]
-        cdf = torch.softmax(logits.double(), 1).cumsum(1)
+        cdf = torch.softmax(logits.double() / temperature, 1).cumsum(1)
         draw = (cdf < u[:, None]).sum(1).clamp_max(logits.shape[1] - 1)
         if t >= 0:
             keep = torch.from_numpy((live[:, 0] <= t) & (t < live[:, 1]))
@@ -141,12 +148,17 @@ def generate(
     return classes, torch.stack(fed, 1), torch.stack(seen, 1)
 
 
-def resynthesise(model, step, waves, speaker, weight, null, seed) -> list[np.ndarray]:
-    """Guided resyntheses of ``waves`` in voice ``speaker`` (float32 at the model's rate)."""
+def resynthesise(
+    model, step, waves, speaker, weight, null, seed, temperature: float = 1.0
+) -> list[np.ndarray]:
+    """Guided resyntheses of ``waves`` in voice ``speaker`` (float32 at the model's rate),
+    drawn at ``temperature``."""
     prepared = [conditionings(model, step, w, speaker, null) for w in waves]
     conds, nulls, lefts = (list(x) for x in zip(*prepared))
     lengths = [len(w) for w in waves]
-    classes, _, _ = generate(model, step, conds, nulls, lefts, lengths, weight, seed)
+    classes, _, _ = generate(
+        model, step, conds, nulls, lefts, lengths, weight, seed, temperature=temperature
+    )
     q = step.head2_w.shape[1]
     return [
         mulaw.decode(torch.from_numpy(classes[b, left : left + m]), q).numpy().astype(np.float32)
@@ -193,6 +205,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3])
     p.add_argument("--null", nargs="+", choices=NULLS, default=["mean"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="draw from softmax(guided logits / T)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write settings and rows here")
     return p
@@ -201,7 +216,10 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from export.onnx_export import load_checkpoint
 
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not (args.temperature > 0 and np.isfinite(args.temperature)):
+        parser.error(f"--temperature must be a positive number, not {args.temperature}")
     torch.set_num_threads(args.threads)
     model, voices, _ = load_checkpoint(args.checkpoint)
     step = DecoderStep(model.decoder).eval()
@@ -228,7 +246,9 @@ def main(argv=None) -> int:
         waves = [ds.wave(i) for i in idx]
         for weight, null in settings:
             t0 = time.perf_counter()
-            outputs = resynthesise(model, step, waves, voices.index(name), weight, null, args.seed)
+            outputs = resynthesise(
+                model, step, waves, voices.index(name), weight, null, args.seed, args.temperature
+            )
             per = score(waves, outputs, ds.sample_rate)
             rows.append(
                 {
@@ -236,6 +256,7 @@ def main(argv=None) -> int:
                     "weight": weight,
                     "null": null,
                     "seed": args.seed,
+                    "temperature": args.temperature,
                     "utterances": [ds.records[i].id for i in idx],
                     **{k: mean_se(v)[0] for k, v in per.items()},  # STOI is nan under 30 frames
                     "per_utterance": per,

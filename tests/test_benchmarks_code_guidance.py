@@ -115,3 +115,39 @@ def test_the_command_scores_each_weight_on_the_same_utterances(tiny, tmp_path):
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert main([*base, "--speakers", "Nobody"]) == 2
     assert "must be a voice" in err.getvalue()
+
+
+def test_a_temperature_divides_what_is_drawn_from(tiny):
+    """Near zero every draw is the likeliest class of the recorded logits; at 1 it is not
+    (the control: plain sampling draws other classes too)."""
+    model, step = tiny
+    w = wave("activated", 600)
+    cond, _, left = conditionings(model, step, w, 0, "mean")
+    ctx = model.geometry.wavenet_context
+
+    def draws_vs_argmax(temperature: float) -> tuple[np.ndarray, np.ndarray]:
+        classes, _, logits = generate(
+            model,
+            step,
+            [cond],
+            None,
+            [left],
+            [len(w)],
+            0.0,
+            5,
+            temperature=temperature,
+            record=True,
+        )
+        steps = ctx + np.arange(left, left + len(w))  # the steps that drew the utterance
+        return classes[0, left : left + len(w)], logits[0, steps].argmax(1).numpy()
+
+    drawn, likeliest = draws_vs_argmax(1e-4)
+    assert np.array_equal(drawn, likeliest)
+    drawn, likeliest = draws_vs_argmax(1.0)
+    assert (drawn != likeliest).mean() > 0.2
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, step, [cond], None, [left], [len(w)], 0.0, 5, temperature=0.0)
+    argv = ["--checkpoint", "none.pt", "--data", "none", "--speakers", "Allison"]
+    with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as err:
+        main([*argv, "--temperature", "-1"])  # refused before anything is loaded
+    assert exit_.value.code == 2 and "--temperature must be a positive number" in err.getvalue()
