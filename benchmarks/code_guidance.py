@@ -13,10 +13,12 @@ from those under conditioning that carries no timing:
 and draws from ``softmax(logits / T)`` (``--temperature``, as `python -m export --temperature`
 bakes into a model's step graphs; a bundled model's is in its ``model.json``).
 ``null`` is either the time mean of the utterance's own conditioning (``mean``: its speaker and
-average timbre, no timing) or its most frequent code on every frame (``constant``). Both
-branches are fed the same drawn sample, so guidance doubles the decoder's work; ``w = 0`` is
-plain sampling. The model never saw a null conditioning in training (no condition dropout), so
-this measures what guidance does to a decoder trained as it is.
+average timbre, no timing), its most frequent code on every frame (``constant``), or the
+speaker alone (``zero``: the null a decoder trained with ``decoder.cond_dropout`` saw in
+training, `model.cond_dropout`). Both branches are fed the same drawn sample, so guidance
+doubles the decoder's work; ``w = 0`` is plain sampling. A decoder trained without condition
+dropout never saw any of these nulls, so on it this measures what guidance does to a decoder
+trained as it is.
 
 Generation runs `model.decoder_step.DecoderStep` in PyTorch with ring buffers, unfolded, from a
 silent past (the engine cannot evaluate two conditionings per stream), and samples with one
@@ -43,7 +45,7 @@ from model.decoder_step import DecoderStep
 from training.dataset import Dataset
 from training.evaluate import envelope_correlation, log_mel_distance, stoi_score
 
-NULLS = ("mean", "constant")
+NULLS = ("mean", "constant", "zero")
 
 
 def conditionings(model, step: DecoderStep, wave: np.ndarray, speaker: int, null: str):
@@ -55,11 +57,15 @@ def conditionings(model, step: DecoderStep, wave: np.ndarray, speaker: int, null
     codes = model.encode(padded)  # [1, F]
     spk = torch.tensor([speaker])
 
-    def rows(c: torch.Tensor) -> torch.Tensor:
+    def rows(c: torch.Tensor, dropped: bool = False) -> torch.Tensor:
         vecs = model.quantizer.codebook[c].transpose(1, 2)
-        return step.condition(vecs, spk)[0].t()
+        n_cond = vecs.shape[-1] - model.cfg.decoder.cond_kernel + 1
+        drop = torch.full((1, n_cond), True) if dropped else None
+        return step.condition(vecs, spk, drop)[0].t()
 
     cond = rows(codes)
+    if null == "zero":
+        return cond, rows(codes, dropped=True), left
     if null == "mean":
         return cond, cond.mean(0, keepdim=True).expand_as(cond), left
     return cond, rows(torch.full_like(codes, int(torch.bincount(codes[0]).argmax()))), left

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from model import mulaw
+from model.cond_dropout import dropped_conditioning
 from model.config import ModelConfig
 from model.decoder import WaveNetDecoder
 from model.encoder import Encoder
@@ -147,7 +148,7 @@ class Autoencoder(nn.Module):
         frames = self.route(slots, win)
         local = (frames - win.frame0[:, None]).clamp(0, n_local - 1)
         vecs = q.quantized.gather(1, local[..., None].expand(-1, -1, q.quantized.shape[-1]))
-        cond = self.decoder.condition(vecs.transpose(1, 2), win.speaker)  # [B, L*2G, C]
+        cond = self.decoder.condition(vecs.transpose(1, 2), win.speaker, self._dropped(slots, win))
 
         past, cond_index = self._decoder_indices(win.t0, n, k0, cond.shape[-1])
         ar = past - win.start[:, None]
@@ -198,6 +199,19 @@ class Autoencoder(nn.Module):
         )
         self.quantizer.watch(q, z)  # last: it is a graph break under torch.compile
         return out
+
+    def _dropped(self, slots: torch.Tensor, win: Windows) -> torch.Tensor | None:
+        """In training with ``decoder.cond_dropout``, whether each conditioning index (column
+        ``j`` is absolute index ``slots[:, j]``, as its first slot) has the null
+        (`model.cond_dropout`); else None."""
+        p = self.cfg.decoder.cond_dropout if self.training else 0.0
+        if p == 0:
+            return None
+        index = slots[:, : slots.shape[1] - self.cfg.decoder.cond_kernel + 1]
+        every = self.cfg.decoder.cond_dropout_every
+        return dropped_conditioning(
+            p, every, seed=win.seed, epoch=win.epoch, utt=win.utt, index=index
+        )
 
     def _decoder_indices(self, t0: torch.Tensor, n: int, k0: torch.Tensor, n_cond: int):
         """For predictions ``[t0, t0 + n)``: the absolute indices of the past samples the

@@ -71,6 +71,11 @@ class DecoderConfig:
     # Fraction of the past samples the decoder reads in training replaced by its own draws,
     # each predicted from the true past before it (`model.past_draws`); 0: the true past.
     past_draws: float = 0.0
+    # Probability that a run of `cond_dropout_every` conditioning indices (slots, 50 per second)
+    # is conditioned on the speaker alone in training, so that guidance has a null to push away
+    # from (`model.cond_dropout`); 0: the codes everywhere.
+    cond_dropout: float = 0.0
+    cond_dropout_every: int = 25
     cond_kernel: int = 3
     cond_channels: int = 128
     n_speakers: int = 4
@@ -115,6 +120,10 @@ class ModelConfig:
             raise ValueError("decoder.past_tilt must lie in [0, 1)")
         if self.decoder.past_tilt_every < 1:
             raise ValueError("decoder.past_tilt_every must be >= 1")
+        if not 0 <= self.decoder.cond_dropout < 1:  # NaN fails too
+            raise ValueError("decoder.cond_dropout must lie in [0, 1)")
+        if self.decoder.cond_dropout_every < 1:
+            raise ValueError("decoder.cond_dropout_every must be >= 1")
         if not 0 <= self.decoder.past_draws <= 1:  # NaN fails too
             raise ValueError("decoder.past_draws must lie in [0, 1]")
         if self.decoder.past_draws > 0 and self.decoder.past_tilt > 0:

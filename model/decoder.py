@@ -101,18 +101,24 @@ class WaveNetDecoder(nn.Module):
         k = self.cfg.kernel_size
         return [Conv(k, dilation=d, offset=-d * (k - 1)) for d in self.dilations]
 
-    def condition(self, slots: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+    def condition(
+        self, slots: torch.Tensor, speaker: torch.Tensor, dropped: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-layer gate conditioning at the slot rate.
 
         Args:
             slots: quantised vectors per slot ``[B, D, n_slots]``.
             speaker: speaker ids ``[B]``.
+            dropped: optional ``[B, n_slots - cond_kernel + 1]``, true where the codes' term is
+                the null (zero), leaving the speaker's (`model.cond_dropout`).
 
         Returns:
             ``[B, n_layers * 2 * G, n_slots - cond_kernel + 1]``; index ``c`` reads slots
             ``[c, c + cond_kernel)``.
         """
         c = self.cond_proj(self.cond_conv(slots))
+        if dropped is not None:
+            c = c.masked_fill(dropped[:, None, :], 0.0)
         return c + self.speaker_proj(self.speaker(speaker))[:, :, None]
 
     def forward(

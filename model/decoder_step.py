@@ -91,10 +91,13 @@ class DecoderStep(nn.Module):
             self.register_buffer("head2_b", head2.bias.clone())
         self._decoder = [decoder]  # not a submodule: the state dict holds only the snapshot
 
-    def condition(self, slots: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+    def condition(
+        self, slots: torch.Tensor, speaker: torch.Tensor, dropped: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The decoder's conditioning plus the folded constants ``[B, L * 2G, C]`` (see
         `WaveNetDecoder.condition` for the arguments)."""
-        return self._decoder[0].condition(slots, speaker) + self.gate_bias[None, :, None]
+        c = self._decoder[0].condition(slots, speaker, dropped)
+        return c + self.gate_bias[None, :, None]
 
     def ring_sizes(self) -> list[int]:
         """Inputs each layer's ring buffer must hold: ``(kernel - 1) * dilation``."""

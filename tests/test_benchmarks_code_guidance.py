@@ -68,7 +68,7 @@ def test_guidance_is_a_no_op_when_the_null_is_the_true_conditioning_and_not_othe
     with pytest.raises(ValueError, match="null"):
         generate(model, step, [cond], None, [left], [len(w)], 1.0, 7)
     with pytest.raises(ValueError, match="unknown null"):
-        conditionings(model, step, w, 0, "zero")
+        conditionings(model, step, w, 0, "nothing")
 
 
 def test_the_command_scores_each_weight_on_the_same_utterances(tiny, tmp_path):

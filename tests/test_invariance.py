@@ -71,13 +71,14 @@ def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances()
         assert errors["naive"] > CONTROL_FLOOR, errors
 
 
-# Perturbations of the decoder's autoregressive input in training: their decoder settings and
-# the function `model.autoencoder` calls with the absolute sample index.
+# Perturbations of the decoder's inputs in training: their decoder settings and the function
+# `model.autoencoder` calls with the absolute sample (or conditioning) index.
 AR_INPUT = {
     "input_noise": ({"input_noise": 3.0}, "noisy_classes"),
     "past_gain": ({"past_gain_db": 12.0, "past_gain_every": 7}, "gained_samples"),
     "past_tilt": ({"past_tilt": 0.6, "past_tilt_every": 7}, "tilted_samples"),
     "past_draws": ({"past_draws": 0.5}, "chosen"),
+    "cond_dropout": ({"cond_dropout": 0.5, "cond_dropout_every": 1}, "dropped_conditioning"),
 }
 
 
@@ -86,9 +87,11 @@ def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, nam
     """`model.input_noise` moves, `model.past_gain` scales and `model.past_tilt` filters each
     past sample the decoder reads by a draw of its absolute index, and `model.past_draws`
     replaces it by the decoder's own draw at a hashed choice, so every window reads the
-    same perturbed past and the proof holds. Control: the same draws by position within the
-    window (a per-window draw) give each single-prediction pass another past than the batched
-    window, and the comparison fails."""
+    same perturbed past and the proof holds; `model.cond_dropout` drops conditioning indices
+    by a hash of their absolute index, so every window reads the same conditioning. Control:
+    the same draws by position within the window (a per-window draw) give each
+    single-prediction pass another past (or conditioning) than the batched window, and the
+    comparison fails."""
     from model import autoencoder
 
     settings, function = AR_INPUT[name]

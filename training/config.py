@@ -136,6 +136,8 @@ TRAINING_ONLY_MODEL_KEYS = frozenset(
         "decoder.past_tilt",
         "decoder.past_tilt_every",
         "decoder.past_draws",
+        "decoder.cond_dropout",
+        "decoder.cond_dropout_every",
     }
 )
 
