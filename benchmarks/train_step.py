@@ -84,8 +84,13 @@ class NaiveDecoder(nn.Module):
     def conditioning_layers(self, hop: int, shift: int):
         return self.inner.conditioning_layers(hop, shift)
 
-    def condition(self, slots: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
-        """``slots [B, D, n_slots]``, ``speaker [B]`` -> ``[B, C_cond + D_spk, C]``."""
+    def condition(
+        self, slots: torch.Tensor, speaker: torch.Tensor, dropped: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``slots [B, D, n_slots]``, ``speaker [B]`` -> ``[B, C_cond + D_spk, C]``. The
+        reference has no conditioning dropout (``dropped`` is for a training-only setting)."""
+        if dropped is not None:
+            raise ValueError("the naive reference decoder has no conditioning dropout")
         local = self.inner.cond_conv(slots)
         spk = self.inner.speaker(speaker)[:, :, None].expand(-1, -1, local.shape[-1])
         return torch.cat([local, spk], dim=1)
