@@ -73,7 +73,7 @@ def test_invariance_holds_for_a_gradient_trained_codebook_and_summed_distances()
 
 # Perturbations of the decoder's inputs in training: their decoder settings and the function
 # `model.autoencoder` calls with the absolute sample (or conditioning) index.
-AR_INPUT = {
+DECODER_INPUT = {
     "input_noise": ({"input_noise": 3.0}, "noisy_classes"),
     "past_gain": ({"past_gain_db": 12.0, "past_gain_every": 7}, "gained_samples"),
     "past_tilt": ({"past_tilt": 0.6, "past_tilt_every": 7}, "tilted_samples"),
@@ -82,8 +82,8 @@ AR_INPUT = {
 }
 
 
-@pytest.mark.parametrize("name", AR_INPUT)
-def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, name):
+@pytest.mark.parametrize("name", DECODER_INPUT)
+def test_invariance_holds_with_a_perturbed_decoder_input(monkeypatch, name):
     """`model.input_noise` moves, `model.past_gain` scales and `model.past_tilt` filters each
     past sample the decoder reads by a draw of its absolute index, and `model.past_draws`
     replaces it by the decoder's own draw at a hashed choice, so every window reads the
@@ -94,7 +94,7 @@ def test_invariance_holds_with_a_perturbed_autoregressive_input(monkeypatch, nam
     comparison fails."""
     from model import autoencoder
 
-    settings, function = AR_INPUT[name]
+    settings, function = DECODER_INPUT[name]
     cfg = load_model_config("tiny")
     for key, value in settings.items():
         setattr(cfg.decoder, key, value)
